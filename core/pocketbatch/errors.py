@@ -1,0 +1,108 @@
+"""The error taxonomy: providers translate SDK exceptions into these, so retry policy is provider-agnostic."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .providers import RateLimits
+
+
+class PocketBatchError(Exception):
+    """The root of every error pocketbatch raises on purpose."""
+
+
+class ConfigError(PocketBatchError):
+    """Bad settings, a missing key, an unknown provider or model: fix the configuration; never retried."""
+
+
+class LLMError(PocketBatchError):
+    """A call failed. `retryable` is the provider's verdict; None at construction takes the class default."""
+
+    default_retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.rate_limits = rate_limits
+
+    def __reduce__(self):  # keyword-only arguments survive pickling (multiprocessing, journals)
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+class RateLimitError(LLMError):
+    """429: the provider's limit was hit; wait (Retry-After) and try again."""
+
+    default_retryable = True
+
+
+class TransientError(LLMError):
+    """5xx, 529 overloaded, 408/409, timeouts and dropped connections."""
+
+    default_retryable = True
+
+
+class RequestError(LLMError):
+    """The request itself is wrong (4xx other than 408/409/429): sending it again cannot help."""
+
+
+class BatchError(PocketBatchError):
+    """A batch job failed or was rejected; the engine runs its requests concurrently instead."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        retryable: bool | None = None,
+        rate_limits: RateLimits | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.retry_after = retry_after
+        self.retryable = bool(retryable)
+        self.rate_limits = rate_limits
+
+    __reduce__ = LLMError.__reduce__
+
+
+def _rebuild(cls: type, message: str, state: dict) -> Exception:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err
+
+
+def error_for_status(
+    status: int | None,
+    message: str,
+    *,
+    retry_after: float | None = None,
+    should_retry: bool | None = None,
+    rate_limits: RateLimits | None = None,
+) -> LLMError:
+    """The error class an HTTP status maps to; a provider's x-should-retry verdict wins over the status."""
+    if status == 429:
+        cls: type[LLMError] = RateLimitError
+    elif status is None or status in (408, 409) or status >= 500:
+        cls = TransientError
+    elif 400 <= status < 500:
+        cls = RequestError
+    else:
+        cls = LLMError
+    return cls(
+        message, status=status, retry_after=retry_after, retryable=should_retry, rate_limits=rate_limits
+    )

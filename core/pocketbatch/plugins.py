@@ -1,0 +1,58 @@
+import importlib
+import os
+import sys
+from importlib import metadata
+
+import pluggy
+
+from . import hookspecs
+
+DEFAULT_PLUGINS = ("pocketbatch.default_plugins.offline",)
+
+pm = pluggy.PluginManager("pocketbatch")
+pm.add_hookspecs(hookspecs)
+
+_loaded = False
+load_errors: dict[str, str] = {}  # plugin name -> why it could not be loaded
+distributions: dict[str, metadata.Distribution] = {}  # plugin name -> the distribution it came from
+
+
+def load_plugins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    allow = os.environ.get("POCKETBATCH_LOAD_PLUGINS")
+    if allow is None and not hasattr(sys, "_called_from_test"):
+        for ep in metadata.entry_points(group="pocketbatch"):
+            _load(ep, ep.dist)
+    elif allow:
+        for name in filter(None, (n.strip() for n in allow.split(","))):
+            try:
+                dist = metadata.distribution(name)
+            except metadata.PackageNotFoundError:
+                load_errors[name] = f"POCKETBATCH_LOAD_PLUGINS names {name}, which is not installed"
+                continue
+            for ep in dist.entry_points:
+                if ep.group == "pocketbatch":
+                    _load(ep, dist)
+    for name in DEFAULT_PLUGINS:
+        if not pm.has_plugin(name):
+            pm.register(importlib.import_module(name), name)
+    if os.environ.get("POCKETBATCH_TRACE_PLUGINS", "").strip() not in ("", "0"):
+        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
+        pm.enable_tracing()
+    pm.check_pending()  # a misspelt hook name fails here, loudly
+
+
+def _load(ep: metadata.EntryPoint, dist) -> None:
+    # One broken plugin is reported with its name and does not take the others down.
+    if pm.has_plugin(ep.name) or pm.is_blocked(ep.name):
+        return
+    try:
+        pm.register(ep.load(), name=ep.name)
+    except Exception as e:
+        load_errors[ep.name] = f"{type(e).__name__}: {e}"
+        print(f"pocketbatch: plugin {ep.name!r} failed to load: {e}", file=sys.stderr)
+        return
+    distributions[ep.name] = dist

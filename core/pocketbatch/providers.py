@@ -1,0 +1,187 @@
+"""What a provider plugin implements (Provider, BatchAPI) and the values that cross that line."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .errors import ConfigError, LLMError
+
+VIA = ("concurrent", "batch")
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)
+
+
+@dataclass
+class LLMRequest:
+    messages: list[dict]
+    model: str
+    system: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_prompt(cls, prompt: str | list[dict], model: str, **fields: Any) -> LLMRequest:
+        """A str prompt becomes one user message; a list of chat messages is taken as it is."""
+        if isinstance(prompt, str):
+            messages = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+            messages = list(prompt)
+        else:
+            raise TypeError(
+                "prompt must be a str or a list of chat messages like "
+                f'[{{"role": "user", "content": "..."}}], not {type(prompt).__name__}'
+            )
+        return cls(messages=messages, model=model, **fields)
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """What the provider said about its limits on one response; None where it said nothing."""
+
+    limit_requests: int | None = None  # per minute
+    remaining_requests: int | None = None
+    reset_requests: float | None = None  # seconds until the request window is full again
+    limit_tokens: int | None = None  # per minute
+    remaining_tokens: int | None = None
+    reset_tokens: float | None = None
+
+
+class LLMResponse(str):
+    """The text of a reply, so it joins and prints like the str the seed expects, plus what came with it."""
+
+    usage: Usage
+    model: str | None
+    provider: str | None
+    via: str
+    cost_usd: float | None
+    raw: Any
+    rate_limits: RateLimits | None
+
+    def __new__(
+        cls,
+        text: str,
+        *,
+        usage: Usage | None = None,
+        model: str | None = None,
+        provider: str | None = None,
+        via: str = "concurrent",
+        cost_usd: float | None = None,
+        raw: Any = None,
+        rate_limits: RateLimits | None = None,
+    ) -> LLMResponse:
+        self = super().__new__(cls, text)
+        self.usage = usage or Usage()
+        self.model, self.provider, self.via = model, provider, via
+        self.cost_usd, self.raw, self.rate_limits = cost_usd, raw, rate_limits
+        return self
+
+    def replace(self, **changes: Any) -> LLMResponse:
+        """A copy with some fields changed (the text included, as `text=`)."""
+        fields = {k: getattr(self, k) for k in _RESPONSE_FIELDS}
+        text = changes.pop("text", str(self))
+        return LLMResponse(text, **{**fields, **changes})
+
+    def __reduce__(self):
+        return _rebuild_response, (str(self), {k: getattr(self, k) for k in _RESPONSE_FIELDS})
+
+
+_RESPONSE_FIELDS = ("usage", "model", "provider", "via", "cost_usd", "raw", "rate_limits")
+
+
+def _rebuild_response(text: str, fields: dict) -> LLMResponse:
+    return LLMResponse(text, **fields)
+
+
+@dataclass
+class BatchStatus:
+    state: str  # "running" | "cancelling" | "ended"
+    counts: dict[str, int] = field(default_factory=dict)
+    raw: Any = None
+
+
+class BatchAPI:
+    """A provider's batch endpoint: one job for many requests, usually at half the price."""
+
+    max_requests: int = 50_000
+    max_bytes: int = 200 * 1024 * 1024
+    price_factor: float = 0.5
+
+    async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        """Start one job for (custom_id, request) pairs; return its id. BatchError if over the size limits."""
+        raise NotImplementedError
+
+    async def status(self, job_id: str) -> BatchStatus:
+        raise NotImplementedError
+
+    def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        """(custom_id, response or error) for every line the job produced, in any order."""
+        raise NotImplementedError
+
+    async def cancel(self, job_id: str) -> None:
+        raise NotImplementedError
+
+
+# A dated snapshot or "-latest" of a priced model costs what the model costs.
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+
+
+class Provider:
+    """Subclass it, set the class attributes, implement call_llm_async, and register an instance."""
+
+    name: ClassVar[str]
+    key_env_var: ClassVar[str | None] = None
+    default_model: ClassVar[str]
+    models: ClassVar[tuple[str, ...]] = ()
+    rpm: ClassVar[float] = 0
+    tpm: ClassVar[float] = 0
+    max_concurrency: ClassVar[int] = 0
+    prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    batch: BatchAPI | None = None
+
+    def api_key(self) -> str | None:
+        """The key from key_env_var; a ConfigError naming the variable when it is unset."""
+        if self.key_env_var is None:
+            return None
+        key = os.environ.get(self.key_env_var, "").strip()
+        if not key:
+            raise ConfigError(
+                f"{self.name} needs an API key: set the {self.key_env_var} environment variable"
+            )
+        return key
+
+    def has_key(self) -> bool:
+        return self.key_env_var is None or bool(os.environ.get(self.key_env_var, "").strip())
+
+    async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
+        raise NotImplementedError
+
+    def price(self, model: str) -> tuple[float, float] | None:
+        """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
+        matches = [
+            k
+            for k in self.prices
+            if model == k or (model.startswith(k) and _SNAPSHOT.fullmatch(model[len(k) :]))
+        ]
+        return self.prices[max(matches, key=len)] if matches else None
+
+    def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:
+        """USD for usage at this provider's prices, times factor (the batch discount); None if unpriced."""
+        price = self.price(model)
+        if price is None:
+            return None
+        return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) * factor / 1_000_000
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
