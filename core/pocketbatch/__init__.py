@@ -22,7 +22,9 @@ from .flow import (
     Node,
 )
 from .hookspecs import hookimpl
+from .llm import call_llm, call_llm_async
 from .providers import BatchAPI, BatchStatus, LLMRequest, LLMResponse, Provider, RateLimits, Usage
+from .registry import get_provider, list_providers
 
 __all__ = [
     "AsyncBatchFlow",
@@ -49,5 +51,9 @@ __all__ = [
     "RequestError",
     "TransientError",
     "Usage",
+    "call_llm",
+    "call_llm_async",
+    "get_provider",
     "hookimpl",
+    "list_providers",
 ]

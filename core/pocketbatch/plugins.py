@@ -6,6 +6,7 @@ from importlib import metadata
 import pluggy
 
 from . import hookspecs
+from .errors import ConfigError
 
 DEFAULT_PLUGINS = ("pocketbatch.default_plugins.offline",)
 
@@ -39,10 +40,10 @@ def load_plugins() -> None:
     for name in DEFAULT_PLUGINS:
         if not pm.has_plugin(name):
             pm.register(importlib.import_module(name), name)
-    if os.environ.get("POCKETBATCH_TRACE_PLUGINS", "").strip() not in ("", "0"):
-        pm.trace.root.setwriter(lambda message: print(message, end="", file=sys.stderr))
-        pm.enable_tracing()
-    pm.check_pending()  # a misspelt hook name fails here, loudly
+    try:
+        pm.check_pending()  # a misspelt hook name fails here, loudly
+    except pluggy.PluginValidationError as e:
+        raise ConfigError(f"plugin {pm.get_name(e.plugin)!r}: {e} (the hook is register_providers)") from None
 
 
 def _load(ep: metadata.EntryPoint, dist) -> None:
@@ -56,3 +57,9 @@ def _load(ep: metadata.EntryPoint, dist) -> None:
         print(f"pocketbatch: plugin {ep.name!r} failed to load: {e}", file=sys.stderr)
         return
     distributions[ep.name] = dist
+
+
+def trace(message: str) -> None:
+    """Print what a hook did when POCKETBATCH_TRACE_PLUGINS is set, as datasette's tracing does."""
+    if os.environ.get("POCKETBATCH_TRACE_PLUGINS", "").strip() not in ("", "0"):
+        print(f"pocketbatch trace: {message}", file=sys.stderr)

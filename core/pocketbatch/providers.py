@@ -133,8 +133,12 @@ class BatchAPI:
         raise NotImplementedError
 
 
-# A dated snapshot or "-latest" of a priced model costs what the model costs.
-_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)$")
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)")
+
+
+def same_model(name: str, base: str) -> bool:
+    """True for the model itself and its dated snapshots or "-latest" (gpt-4o-mini-2024-07-18, ...)."""
+    return name == base or (name.startswith(base) and _SNAPSHOT.fullmatch(name[len(base) :]) is not None)
 
 
 class Provider:
@@ -169,11 +173,7 @@ class Provider:
 
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
-        matches = [
-            k
-            for k in self.prices
-            if model == k or (model.startswith(k) and _SNAPSHOT.fullmatch(model[len(k) :]))
-        ]
+        matches = [k for k in self.prices if same_model(model, k)]
         return self.prices[max(matches, key=len)] if matches else None
 
     def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:

@@ -1,0 +1,162 @@
+"""Settings from POCKETBATCH_* environment variables, read and validated once (reload() reads them again)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import platformdirs
+
+from .errors import ConfigError
+from .flow import MODES
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_PER_PROVIDER = re.compile(r"POCKETBATCH_([A-Z0-9_]+?)_(RPM|TPM|MAX_CONCURRENCY)")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Configured limits; None where nobody set one (the engine learns it), 0 for unlimited."""
+
+    rpm: float | None = None
+    tpm: float | None = None
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    provider: str | None = None
+    mode: str = "auto"
+    limits: Limits = Limits()
+    provider_limits: dict[str, Limits] = field(default_factory=dict)  # by provider name, lowercase
+    max_retries: int = 8
+    timeout: float = 600.0
+    batch_min_items: int = 500
+    batch_min_seconds: float = 300.0
+    batch_deadline: float | None = None
+    poll_interval: float | None = None  # None: the provider's own starting interval
+    journal: Path | None = None
+    reuse: bool = True
+    log: str = "warning"
+
+    def limits_for(self, provider: str) -> Limits:
+        """The user's limits for one provider: its own variables first, then the global ones."""
+        own = self.provider_limits.get(provider.lower(), Limits())
+        return Limits(
+            rpm=self.limits.rpm if own.rpm is None else own.rpm,
+            tpm=self.limits.tpm if own.tpm is None else own.tpm,
+            max_concurrency=(
+                self.limits.max_concurrency if own.max_concurrency is None else own.max_concurrency
+            ),
+        )
+
+
+def default_journal() -> Path:
+    return Path(platformdirs.user_cache_dir("pocketbatch")) / "journal.sqlite3"
+
+
+@functools.cache
+def settings() -> Settings:
+    env = {k: v.strip() for k, v in os.environ.items() if k.startswith("POCKETBATCH_")}
+    provider_limits: dict[str, dict[str, float | int]] = {}
+    for name, value in env.items():
+        m = _PER_PROVIDER.fullmatch(name)
+        if m and m.group(1) != "BATCH":
+            kind = m.group(2).lower()
+            parse = _count if kind == "max_concurrency" else _rate
+            provider_limits.setdefault(m.group(1).lower(), {})[kind] = parse(name, value)
+    journal = env.get("POCKETBATCH_JOURNAL", "")
+    return Settings(
+        model=env.get("POCKETBATCH_MODEL") or None,
+        provider=(env.get("POCKETBATCH_PROVIDER") or "").lower() or None,
+        mode=_choice(env, "POCKETBATCH_MODE", MODES, "auto"),
+        limits=Limits(
+            rpm=_opt(env, "POCKETBATCH_RPM", _rate),
+            tpm=_opt(env, "POCKETBATCH_TPM", _rate),
+            max_concurrency=_opt(env, "POCKETBATCH_MAX_CONCURRENCY", _count),
+        ),
+        provider_limits={p: Limits(**v) for p, v in provider_limits.items()},
+        max_retries=_opt(env, "POCKETBATCH_MAX_RETRIES", _attempts) or 8,
+        timeout=_opt(env, "POCKETBATCH_TIMEOUT", _seconds) or 600.0,
+        batch_min_items=_count("POCKETBATCH_BATCH_MIN_ITEMS", env.get("POCKETBATCH_BATCH_MIN_ITEMS", "500")),
+        batch_min_seconds=_rate(
+            "POCKETBATCH_BATCH_MIN_SECONDS", env.get("POCKETBATCH_BATCH_MIN_SECONDS", "300")
+        ),
+        batch_deadline=_opt(env, "POCKETBATCH_BATCH_DEADLINE", _seconds),
+        poll_interval=_opt(env, "POCKETBATCH_POLL_INTERVAL", _seconds),
+        journal=None
+        if journal.lower() == "off"
+        else Path(journal).expanduser()
+        if journal
+        else default_journal(),
+        reuse=_flag(env, "POCKETBATCH_REUSE", True),
+        log=_choice(env, "POCKETBATCH_LOG", LOG_LEVELS, "warning"),
+    )
+
+
+def reload() -> Settings:
+    """Read the environment again (after tests or a program change POCKETBATCH_* variables)."""
+    settings.cache_clear()
+    return settings()
+
+
+def _opt(env, name, parse):
+    value = env.get(name, "")
+    return parse(name, value) if value else None
+
+
+def _number(name: str, value: str, what: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number >= 0 or number == float("inf"):
+        raise ConfigError(f"{name} must be {what}, not {value!r}")
+    return number
+
+
+def _rate(name: str, value: str) -> float:
+    return _number(name, value, "a number ≥ 0 (0 means unlimited)")
+
+
+def _seconds(name: str, value: str) -> float:
+    seconds = _number(name, value, "a number of seconds > 0")
+    if seconds == 0:
+        raise ConfigError(f"{name} must be a number of seconds > 0, not {value!r}")
+    return seconds
+
+
+def _count(name: str, value: str) -> int:
+    number = _number(name, value, "a whole number ≥ 0 (0 means unlimited)")
+    if number != int(number):
+        raise ConfigError(f"{name} must be a whole number ≥ 0 (0 means unlimited), not {value!r}")
+    return int(number)
+
+
+def _attempts(name: str, value: str) -> int:
+    attempts = _count(name, value)
+    if attempts < 1:
+        raise ConfigError(f"{name} is the total attempts per call and must be at least 1, not {value!r}")
+    return attempts
+
+
+def _choice(env, name: str, choices: tuple[str, ...], default: str) -> str:
+    value = env.get(name, "").lower() or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {env[name]!r}")
+    return value
+
+
+def _flag(env, name: str, default: bool) -> bool:
+    value = env.get(name, "").lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (or true/false), not {env[name]!r}")

@@ -1,0 +1,242 @@
+"""The offline provider: no key, deterministic replies, and a server's habits (latency, 429s, a batch API).
+
+Tuned by POCKETBATCH_OFFLINE_LATENCY (seconds per call), POCKETBATCH_OFFLINE_SERVER_RPM (the simulated
+server's limit; 0 for none), POCKETBATCH_OFFLINE_BATCH_SECONDS (how long a batch job runs),
+POCKETBATCH_OFFLINE_FAIL_RATE (the share of calls and batch lines that fail retryably) and
+POCKETBATCH_OFFLINE_DIR (where batch jobs live, so they outlive the process as a real server's do).
+A request's option `offline_error` ("request", "transient" or "expired") makes that one request fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from pathlib import Path
+
+import platformdirs
+
+from pocketbatch.errors import BatchError, ConfigError, LLMError, RateLimitError, RequestError, TransientError
+from pocketbatch.hookspecs import hookimpl
+from pocketbatch.providers import BatchAPI, BatchStatus, LLMRequest, LLMResponse, Provider, RateLimits, Usage
+
+
+@hookimpl
+def register_providers(register):
+    register(OfflineProvider(), aliases=OfflineProvider.models)
+
+
+def _env_number(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or math.isinf(value):
+        raise ConfigError(f"{name} must be a number ≥ 0, not {raw!r}")
+    return value
+
+
+def reply(request: LLMRequest) -> tuple[str, Usage]:
+    """The deterministic reply to a request, and what it "cost" in tokens (about 4 characters a token)."""
+    last = next((m for m in reversed(request.messages) if m.get("role") == "user"), request.messages[-1])
+    content = last.get("content", "")
+    if not isinstance(content, str):  # content blocks
+        content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
+    words = content.split()
+    digest = hashlib.sha256(json.dumps([request.system, request.messages]).encode()).hexdigest()[:6]
+    text = f"[{request.model} {digest}] " + " ".join(words[:12]) + (" …" if len(words) > 12 else "")
+    prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
+    return text, Usage(max(1, math.ceil(prompt_chars / 4)), max(1, math.ceil(len(text) / 4)))
+
+
+def _request_failure(request: LLMRequest) -> LLMError | None:
+    kind = request.options.get("offline_error")
+    if kind == "request":
+        return RequestError("offline: this request was marked to fail (offline_error='request')", status=400)
+    if kind == "transient":
+        return TransientError("offline: simulated server error (offline_error='transient')", status=500)
+    if kind is not None and kind != "expired":
+        return RequestError(
+            f"offline_error must be 'request', 'transient' or 'expired', not {kind!r}", status=400
+        )
+    return None
+
+
+class _ServerLimit:
+    """The simulated server's request limit: a token bucket that answers 429 with Retry-After when empty."""
+
+    def __init__(self, rpm: float, burst: float = 5) -> None:
+        self.rate, self.burst = rpm / 60, burst
+        self.level, self.stamp = burst, time.monotonic()
+
+    def admit(self) -> RateLimits:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        limits = RateLimits(
+            limit_requests=round(self.rate * 60),
+            remaining_requests=max(0, int(self.level) - 1),
+            reset_requests=(self.burst - self.level) / self.rate,
+        )
+        if self.level < 1:
+            wait = (1 - self.level) / self.rate
+            raise RateLimitError(
+                f"offline: rate limit of {self.rate * 60:g} requests per minute reached",
+                status=429,
+                retry_after=wait,
+                rate_limits=limits,
+            )
+        self.level -= 1
+        return limits
+
+
+class OfflineProvider(Provider):
+    name = "offline"
+    key_env_var = None
+    default_model = "offline-small"
+    models = ("offline-small", "offline-large")
+    rpm = 6000
+    # Pretend prices, so the cost of each way shows in the demo; no money is spent offline.
+    prices = {"offline-small": (0.15, 0.60), "offline-large": (2.50, 10.00)}
+
+    def __init__(self) -> None:
+        self.batch = OfflineBatch()
+        self._limit: _ServerLimit | None = None
+
+    async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
+        limits = None
+        server_rpm = _env_number("POCKETBATCH_OFFLINE_SERVER_RPM", 0)
+        if server_rpm:
+            if self._limit is None or self._limit.rate != server_rpm / 60:
+                self._limit = _ServerLimit(server_rpm)
+            limits = self._limit.admit()  # rejected calls cost no latency, as a real 429 costs little
+        await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_LATENCY", 0.05))
+        failure = _request_failure(request)
+        if failure is None and random.random() < _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0):
+            failure = TransientError("offline: simulated server error", status=500)
+        if failure:
+            raise failure
+        text, usage = reply(request)
+        return LLMResponse(text, usage=usage, model=request.model, provider=self.name, rate_limits=limits)
+
+
+class OfflineBatch(BatchAPI):
+    """A simulated batch API: jobs are files that finish after POCKETBATCH_OFFLINE_BATCH_SECONDS."""
+
+    max_requests = 10_000
+    max_bytes = 50 * 1024 * 1024
+
+    @staticmethod
+    def folder() -> Path:
+        path = os.environ.get("POCKETBATCH_OFFLINE_DIR", "").strip()
+        folder = Path(path) if path else Path(platformdirs.user_cache_dir("pocketbatch")) / "offline-batches"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def _path(self, job_id: str) -> Path:
+        path = self.folder() / f"{job_id}.json"
+        if not job_id.startswith("offline-batch-") or not path.exists():
+            raise RequestError(f"offline: no batch job {job_id!r}", status=404)
+        return path
+
+    def _load(self, job_id: str) -> dict:
+        return json.loads(self._path(job_id).read_text())
+
+    async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        lines = [json.dumps({"custom_id": cid, "request": asdict(req)}) for cid, req in items]
+        if len({cid for cid, _ in items}) != len(items):
+            raise BatchError("offline: custom_ids in one batch must be unique", status=400)
+        size = sum(len(line) + 1 for line in lines)
+        if len(items) > self.max_requests or size > self.max_bytes:
+            raise BatchError(
+                f"offline: a batch holds at most {self.max_requests} requests and {self.max_bytes} bytes; "
+                f"this one has {len(items)} and {size}",
+                status=413,
+            )
+        job_id = f"offline-batch-{uuid.uuid4().hex[:12]}"
+        job = {
+            "id": job_id,
+            "created": time.time(),
+            "seconds": _env_number("POCKETBATCH_OFFLINE_BATCH_SECONDS", 2.0),
+            "fail_rate": _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0),
+            "cancelled": None,
+            "lines": lines,
+        }
+        tmp = self.folder() / f"{job_id}.tmp"
+        tmp.write_text(json.dumps(job))
+        tmp.replace(self.folder() / f"{job_id}.json")  # a crash never leaves half a job
+        return job_id
+
+    def _finished_at(self, job: dict) -> float:
+        end = job["created"] + job["seconds"]
+        return min(end, job["cancelled"]) if job["cancelled"] else end
+
+    async def status(self, job_id: str) -> BatchStatus:
+        job = self._load(job_id)
+        total = len(job["lines"])
+        if time.time() < self._finished_at(job):
+            return BatchStatus("running", {"processing": total}, raw={"id": job_id})
+        counts: dict[str, int] = {}
+        for _, outcome in self._outcomes(job):
+            counts[outcome] = counts.get(outcome, 0) + 1
+        return BatchStatus("ended", counts, raw={"id": job_id})
+
+    def _outcomes(self, job: dict) -> list[tuple[dict, str]]:
+        rng = random.Random(job["id"])  # the same job always ends the same way
+        done_share = 1.0
+        if job["cancelled"] and job["cancelled"] < job["created"] + job["seconds"]:
+            done_share = max(0.0, (job["cancelled"] - job["created"]) / max(job["seconds"], 1e-9))
+        outcomes = []
+        for line in job["lines"]:
+            item = json.loads(line)
+            request = item["request"]
+            marked = request["options"].get("offline_error")
+            roll = rng.random()
+            if rng.random() >= done_share:
+                outcome = "canceled"
+            elif marked == "expired":
+                outcome = "expired"
+            elif marked in ("request", "transient") or roll < job["fail_rate"] / 2:
+                outcome = "errored"
+            elif roll < job["fail_rate"]:
+                outcome = "expired"
+            else:
+                outcome = "succeeded"
+            outcomes.append((item, outcome))
+        rng.shuffle(outcomes)  # real batch APIs return lines in any order
+        return outcomes
+
+    async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        job = self._load(job_id)
+        if time.time() < self._finished_at(job):
+            raise RequestError(f"offline: batch job {job_id} has not ended yet", status=409)
+        for item, outcome in self._outcomes(job):
+            request = LLMRequest(**item["request"])
+            if outcome == "succeeded":
+                text, usage = reply(request)
+                yield (
+                    item["custom_id"],
+                    LLMResponse(text, usage=usage, model=request.model, provider="offline", via="batch"),
+                )
+            elif outcome == "errored":
+                failure = _request_failure(request)
+                yield item["custom_id"], failure or TransientError("offline: batch line failed", status=500)
+            else:
+                verb = "expired before it ran" if outcome == "expired" else "was cancelled before it ran"
+                yield item["custom_id"], TransientError(f"offline: the batch request {verb}")
+            await asyncio.sleep(0)
+
+    async def cancel(self, job_id: str) -> None:
+        path = self._path(job_id)
+        job = json.loads(path.read_text())
+        if job["cancelled"] is None and time.time() < job["created"] + job["seconds"]:
+            job["cancelled"] = time.time()
+            path.write_text(json.dumps(job))

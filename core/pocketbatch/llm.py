@@ -1,0 +1,77 @@
+"""call_llm_async and call_llm: what a node's code calls; the engine decides how the call runs."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from .providers import LLMRequest, LLMResponse
+from .registry import resolve
+
+
+def build_request(
+    prompt: str | list[dict],
+    *,
+    model: str | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    **options: Any,
+):
+    """The provider and request a call stands for; an unknown model or missing key is a ConfigError here."""
+    provider, name = resolve(model)
+    provider.api_key()  # a missing key fails before any call, naming its variable
+    request = LLMRequest.from_prompt(
+        prompt, name, system=system, max_tokens=max_tokens, temperature=temperature, options=options
+    )
+    return provider, request
+
+
+async def call_llm_async(
+    prompt: str | list[dict],
+    *,
+    model: str | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    **options: Any,
+) -> LLMResponse:
+    """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL."""
+    from .engine import concurrent
+
+    provider, request = build_request(
+        prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature, **options
+    )
+    return await concurrent.call(provider, request)
+
+
+def call_llm(
+    prompt: str | list[dict],
+    *,
+    model: str | None = None,
+    system: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    **options: Any,
+) -> LLMResponse:
+    """The sync twin of call_llm_async, for sync nodes (also inside an AsyncFlow's running loop)."""
+    coro = call_llm_async(
+        prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature, **options
+    )
+    return asyncio.run_coroutine_threadsafe(coro, _sync_loop()).result()
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _sync_loop() -> asyncio.AbstractEventLoop:
+    # One long-lived loop in a daemon thread: SDK clients and limiters stay warm across sync calls, and a
+    # sync node inside an AsyncFlow (whose loop is busy running it) can still wait for its answer.
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="pocketbatch-sync", daemon=True).start()
+    return _loop

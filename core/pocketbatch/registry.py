@@ -1,0 +1,124 @@
+"""The providers that plugins registered, and which of them serves a model name."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+from .config import settings
+from .errors import ConfigError
+from .plugins import load_plugins, pm, trace
+from .providers import Provider, same_model
+
+
+@dataclass
+class Registered:
+    provider: Provider
+    plugin: str  # the name of the plugin that registered it
+    aliases: tuple[str, ...] = ()
+
+
+_providers: dict[str, Registered] | None = None
+_aliases: dict[str, str] = {}
+_announced = False
+
+
+def _registered() -> dict[str, Registered]:
+    global _providers
+    if _providers is None:
+        load_plugins()
+        providers: dict[str, Registered] = {}
+        # Each plugin's hook is called on its own, so every provider knows the plugin it came from.
+        for impl in reversed(pm.hook.register_providers.get_hookimpls()):
+
+            def register(provider: Provider, aliases: tuple[str, ...] = (), _plugin=impl.plugin_name) -> None:
+                if not isinstance(provider, Provider):
+                    raise TypeError(f"plugin {_plugin!r} registered {provider!r}, which is not a Provider")
+                providers[provider.name] = Registered(provider, _plugin, tuple(aliases))
+                trace(f"register_providers: {_plugin} registered {provider.name!r}, aliases {list(aliases)}")
+
+            trace(f"calling register_providers of {impl.plugin_name}")
+            impl.function(**{name: register for name in impl.argnames})
+        _aliases.clear()
+        for entry in providers.values():
+            for alias in entry.aliases:
+                _aliases.setdefault(alias, entry.provider.name)
+        _providers = providers
+    return _providers
+
+
+def reset() -> None:
+    """Forget the registrations, so the next lookup asks the plugins again (after pm.register in tests)."""
+    global _providers, _announced
+    _providers, _announced = None, False
+
+
+def list_providers() -> list[Provider]:
+    return [entry.provider for entry in _registered().values()]
+
+
+def registrations() -> list[Registered]:
+    return list(_registered().values())
+
+
+def get_provider(name: str) -> Provider:
+    try:
+        return _registered()[name.lower()].provider
+    except KeyError:
+        raise ConfigError(
+            f"unknown provider {name!r}; installed: {', '.join(sorted(_registered()))}"
+        ) from None
+
+
+def default_provider() -> Provider:
+    """POCKETBATCH_PROVIDER, else the first with its key set (openai, anthropic, by name), else offline."""
+    global _announced
+    chosen = settings().provider
+    if chosen:
+        return get_provider(chosen)
+    order = sorted(
+        _registered().values(),
+        key=lambda e: ({"openai": 0, "anthropic": 1}.get(e.provider.name, 2), e.provider.name),
+    )
+    keyed = [e.provider for e in order if e.provider.key_env_var and e.provider.has_key()]
+    provider = keyed[0] if keyed else get_provider("offline")
+    if not _announced:
+        _announced = True
+        why = f"{provider.key_env_var} is set" if keyed else "no provider chosen and no API key set"
+        print(f"pocketbatch: using the {provider.name} provider ({why})", file=sys.stderr)
+    return provider
+
+
+def resolve(model: str | None = None) -> tuple[Provider, str]:
+    """The provider and its own model name for "provider/model", a bare name or alias, or None."""
+    model = model or settings().model
+    if not model:
+        provider = default_provider()
+        return provider, provider.default_model
+    registered = _registered()
+    prefix, _, rest = model.partition("/")
+    if rest and prefix.lower() in registered:
+        provider, name = registered[prefix.lower()].provider, rest
+    elif model in _aliases:
+        provider, name = registered[_aliases[model]].provider, model
+    elif settings().provider:
+        provider, name = get_provider(settings().provider), model
+    else:
+        known = ", ".join(f"{e.provider.name}/{m}" for e in registered.values() for m in e.provider.models)
+        raise ConfigError(
+            f"unknown model {model!r}: write it as provider/model or set POCKETBATCH_PROVIDER; "
+            f"installed providers: {', '.join(sorted(registered))}"
+            + (f"; known models: {known}" if known else "")
+        )
+    if provider.models and not any(same_model(name, m) for m in provider.models):
+        raise ConfigError(
+            f"unknown model {name!r} for provider {provider.name}; its models: {', '.join(provider.models)}"
+        )
+    return provider, name
+
+
+def key_status(provider: Provider) -> str:
+    if provider.key_env_var is None:
+        return "not needed"
+    return "set" if os.environ.get(provider.key_env_var, "").strip() else "not set"

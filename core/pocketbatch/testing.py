@@ -1,0 +1,140 @@
+"""pytest plugin for pocketbatch users: a fake provider and a fixture that registers providers for one test.
+
+def test_summaries(register_provider):
+    fake = register_provider(FakeProvider(replies=["short"]))
+    assert asyncio.run(call_llm_async("hi", model="fake/any")) == "short"
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterable
+
+import pytest
+
+from . import config, registry
+from .errors import LLMError
+from .hookspecs import hookimpl
+from .plugins import pm
+from .providers import BatchAPI, BatchStatus, LLMRequest, LLMResponse, Provider, Usage
+
+Outcome = str | LLMResponse | BaseException
+
+
+class FakeProvider(Provider):
+    """A provider that answers from a script: queued outcomes first, then `reply(request)`.
+
+    Every request it receives is kept in `.requests`; `batch=True` gives it an in-memory batch API.
+    """
+
+    default_model = "fake-model"
+
+    def __init__(
+        self,
+        name: str = "fake",
+        *,
+        replies: Iterable[Outcome] = (),
+        reply: Callable[[LLMRequest], Outcome] | None = None,
+        latency: float = 0.0,
+        models: tuple[str, ...] = (),
+        key_env_var: str | None = None,
+        batch: bool = False,
+        prices: dict[str, tuple[float, float]] | None = None,
+    ) -> None:
+        self.name = name
+        self.models, self.key_env_var = models, key_env_var
+        self.prices = prices or {}
+        self.latency = latency
+        self.script = list(replies)
+        self.reply = reply or (lambda request: f"reply to {request.messages[-1]['content']}")
+        self.requests: list[LLMRequest] = []
+        self.batch = FakeBatch(self) if batch else None
+
+    def queue(self, *outcomes: Outcome) -> None:
+        self.script.extend(outcomes)
+
+    def answer(self, request: LLMRequest, via: str = "concurrent") -> LLMResponse | BaseException:
+        outcome = self.script.pop(0) if self.script else self.reply(request)
+        if isinstance(outcome, BaseException):
+            return outcome
+        if isinstance(outcome, LLMResponse):
+            return outcome.replace(via=via)
+        usage = Usage(sum(len(str(m.get("content", ""))) for m in request.messages), len(outcome))
+        return LLMResponse(outcome, usage=usage, model=request.model, provider=self.name, via=via)
+
+    async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
+        self.requests.append(request)
+        if self.latency:
+            await asyncio.sleep(self.latency)
+        outcome = self.answer(request)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+class FakeBatch(BatchAPI):
+    """An in-memory batch API: a job ends after `polls` status calls and returns its lines in reverse."""
+
+    def __init__(self, provider: FakeProvider, polls: int = 1) -> None:
+        self.provider, self.polls = provider, polls
+        self.jobs: dict[str, dict] = {}
+        self._ids = itertools.count(1)
+
+    async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        job_id = f"fake-batch-{next(self._ids)}"
+        self.jobs[job_id] = {"items": list(items), "polls": 0, "cancelled": False}
+        return job_id
+
+    async def status(self, job_id: str) -> BatchStatus:
+        job = self.jobs[job_id]
+        job["polls"] += 1
+        ended = job["cancelled"] or job["polls"] >= self.polls
+        return BatchStatus("ended" if ended else "running", {"total": len(job["items"])})
+
+    async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        for custom_id, request in reversed(self.jobs[job_id]["items"]):
+            self.provider.requests.append(request)
+            yield custom_id, self.provider.answer(request, via="batch")
+
+    async def cancel(self, job_id: str) -> None:
+        self.jobs[job_id]["cancelled"] = True
+
+
+@pytest.fixture
+def register_provider():
+    """register_provider(provider, aliases=()) registers a provider for this test only and returns it."""
+    names = []
+
+    def register(provider: Provider, aliases: tuple[str, ...] = ()) -> Provider:
+        class Plugin:
+            __name__ = f"test-provider-{provider.name}"
+
+            @hookimpl
+            def register_providers(self, register):
+                register(provider, aliases=aliases)
+
+        name = f"undo-test-provider-{provider.name}-{len(names)}"
+        pm.register(Plugin(), name=name)
+        names.append(name)
+        registry.reset()
+        return provider
+
+    yield register
+    for name in names:
+        pm.unregister(name=name)
+    registry.reset()
+
+
+@pytest.fixture
+def pocketbatch_env(monkeypatch):
+    """pocketbatch_env(POCKETBATCH_MODE="batch", ...) sets variables for this test and re-reads settings."""
+
+    def setenv(**variables: str) -> config.Settings:
+        for name, value in variables.items():
+            monkeypatch.setenv(name, str(value))
+        return config.reload()
+
+    yield setenv
+    monkeypatch.undo()
+    config.reload()

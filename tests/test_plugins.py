@@ -1,0 +1,102 @@
+"""Plugins as users install them: entry points found in a real process, not the test's own registry."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent
+
+
+def write_plugin(site: Path, dist: str, module: str, source: str) -> None:
+    """What pip leaves behind for a one-module plugin: the module and its dist-info with the entry point."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.2.3\n")
+    (info / "entry_points.txt").write_text(f"[pocketbatch]\n{module} = {module}\n")
+
+
+GOOD = """
+from pocketbatch import Provider, LLMResponse, hookimpl
+
+class Good(Provider):
+    name = "good"
+    default_model = "g1"
+    models = ("g1",)
+    async def call_llm_async(self, request):
+        return LLMResponse("good", provider="good", model=request.model)
+
+@hookimpl
+def register_providers(register):
+    register(Good())
+"""
+
+
+def pocketbatch(*args, site: Path | None = None, **env) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    environ["PYTHONPATH"] = str(site or "")
+    environ.update(env)
+    return subprocess.run(
+        [str(BIN / "pocketbatch"), *args], capture_output=True, text=True, env=environ, timeout=60
+    )
+
+
+def provider_names(result: subprocess.CompletedProcess) -> set[str]:
+    assert result.returncode == 0, result.stderr
+    return {p["name"] for p in json.loads(result.stdout)}
+
+
+@pytest.fixture
+def site(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    return site
+
+
+def test_pip_installed_plugin_is_listed_with_its_distribution_and_version(site):
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*pip, "--target", str(site), str(REPO / "examples/plugin")], check=True, timeout=300)
+    rows = json.loads(pocketbatch("providers", "--json", site=site).stdout)
+    reverse = next(r for r in rows if r["name"] == "reverse")
+    assert (reverse["plugin"], reverse["version"]) == ("pocketbatch-reverse", "0.1.0")
+    assert "offline" in {r["name"] for r in rows}  # built-ins always load
+
+
+def test_allow_list_hides_what_it_does_not_name(site):
+    write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
+    assert "good" in provider_names(pocketbatch("providers", "--json", site=site))
+    hidden = pocketbatch("providers", "--json", site=site, POCKETBATCH_LOAD_PLUGINS="")
+    assert provider_names(hidden) == {"offline"}
+    named = pocketbatch("providers", "--json", site=site, POCKETBATCH_LOAD_PLUGINS="pocketbatch-good")
+    assert "good" in provider_names(named)
+
+
+def test_a_misspelt_hook_fails_loudly(site):
+    write_plugin(
+        site, "pocketbatch-typo", "pb_typo", GOOD.replace("def register_providers", "def register_provider")
+    )
+    result = pocketbatch("providers", site=site)
+    assert result.returncode == 2
+    assert "pb_typo" in result.stderr and "register_provider" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_load(site):
+    write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
+    write_plugin(site, "pocketbatch-broken", "pb_broken", "raise ImportError('needs libfoo')\n")
+    result = pocketbatch("providers", "--json", site=site)
+    assert "pb_broken" in result.stderr and "needs libfoo" in result.stderr
+    assert {"good", "offline"} <= provider_names(result)
+    plugins = json.loads(pocketbatch("plugins", site=site).stdout)
+    assert {"name": "pb_broken", "error": "ImportError: needs libfoo"} in plugins
+
+
+def test_trace_plugins_prints_hook_calls(site):
+    write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
+    result = pocketbatch("providers", "--json", site=site, POCKETBATCH_TRACE_PLUGINS="1")
+    assert "register_providers" in result.stderr
