@@ -1,0 +1,308 @@
+"""OpenAI for pocketbatch: chat completions through the official SDK, and the OpenAI batch API.
+
+Also serves OpenAI-compatible servers (Azure, Groq, vLLM, a local server) through OPENAI_BASE_URL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import inspect
+import math
+import os
+import re
+import time
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import openai
+from openai.resources.chat.completions import AsyncCompletions
+
+from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, RateLimits, Usage, hookimpl
+from pocketbatch.errors import LLMError, RateLimitError, error_for_status
+
+from .batch import OpenAIBatch
+
+__all__ = [
+    "MODELS",
+    "PRICES",
+    "OpenAIBatch",
+    "OpenAIProvider",
+    "chat_body",
+    "parse_duration",
+    "parse_rate_limits",
+    "parse_retry_after",
+    "translate_error",
+]
+
+# Chat models that api.openai.com serves; their bare names are aliases ("gpt-4o-mini" -> openai).
+MODELS: tuple[str, ...] = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "gpt-5",
+    "gpt-5-mini",
+    "gpt-5-nano",
+    "o1",
+    "o3",
+    "o3-mini",
+    "o4-mini",
+    "gpt-4-turbo",
+    "gpt-3.5-turbo",
+)
+
+# USD per million (input, output) tokens at standard (non-batch) rates, from openai.com/api/pricing as of
+# 2025-08. Dated snapshots match their model's key; a snapshot priced differently gets its own key
+# (the longest matching key wins). Check the page before trusting a bill to these numbers.
+PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4o-2024-05-13": (5.00, 15.00),
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-5": (1.25, 10.00),
+    "gpt-5-mini": (0.25, 2.00),
+    "gpt-5-nano": (0.05, 0.40),
+    "o1": (15.00, 60.00),
+    "o3": (2.00, 8.00),
+    "o3-mini": (1.10, 4.40),
+    "o4-mini": (1.10, 4.40),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+# Reasoning models refuse `max_tokens` and want `max_completion_tokens` instead.
+_REASONING = re.compile(r"^(o\d|gpt-5)")
+
+# Keyword arguments of the SDK call that are not part of the request body.
+_TRANSPORT_OPTIONS = ("extra_headers", "extra_query", "timeout")
+_CREATE_PARAMS = frozenset(inspect.signature(AsyncCompletions.create).parameters) - {"self"}
+
+
+class OpenAIProvider(Provider):
+    """The `openai` provider: `openai/gpt-4o-mini`, or any model an OPENAI_BASE_URL server serves.
+
+    Model names: against api.openai.com only the names in MODELS are accepted (so a typo fails before
+    any call). With OPENAI_BASE_URL set, `models` is empty, which means any name is accepted, because
+    compatible servers (Azure deployments, Groq, vLLM, local servers) serve names of their own. To use
+    a model missing from MODELS (a fine-tune, a newer model), set OPENAI_BASE_URL=https://api.openai.com/v1.
+
+    `client_options` go to every `AsyncOpenAI(...)` this provider builds, e.g.
+    `{"_strict_response_validation": True}` in tests or `{"timeout": 30}`. `max_retries` is always 0:
+    the engine is the only retry layer.
+    """
+
+    name = "openai"
+    key_env_var = "OPENAI_API_KEY"
+    default_model = "gpt-4o-mini"
+    # Tier-1 limits of gpt-4o-mini: only where the engine's learning starts; every response's
+    # x-ratelimit-* headers then tell it the real ones.
+    rpm = 500
+    tpm = 200_000
+    max_concurrency = 0
+    prices = PRICES
+
+    def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
+        self.client_options: dict[str, Any] = dict(client_options or {})
+        self.client_options.pop("max_retries", None)
+        # loop -> {(key, base_url): client}: a client's pooled connections belong to the loop that
+        # opened them, so every asyncio.run (and the sync call_llm loop) gets clients of its own.
+        self._clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, dict[tuple[str, str | None], openai.AsyncOpenAI]
+        ] = weakref.WeakKeyDictionary()
+        self.batch: OpenAIBatch = OpenAIBatch(self)
+
+    @staticmethod
+    def chat_body(request: LLMRequest) -> dict[str, Any]:
+        return chat_body(request)
+
+    @staticmethod
+    def translate_error(e: openai.OpenAIError) -> LLMError:
+        return translate_error(e)
+
+    @property
+    def models(self) -> tuple[str, ...]:  # type: ignore[override]
+        return () if os.environ.get("OPENAI_BASE_URL", "").strip() else MODELS
+
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client for the running event loop, the current key and OPENAI_BASE_URL."""
+        key = self.api_key()
+        assert key is not None
+        base_url = os.environ.get("OPENAI_BASE_URL", "").strip() or None
+        per_loop = self._clients.setdefault(asyncio.get_running_loop(), {})
+        client = per_loop.get((key, base_url))
+        if client is None:
+            client = openai.AsyncOpenAI(api_key=key, base_url=base_url, **self.client_options, max_retries=0)
+            per_loop[(key, base_url)] = client
+        return client
+
+    async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
+        client = self.client()
+        body = chat_body(request)
+        kwargs = {k: request.options[k] for k in _TRANSPORT_OPTIONS if k in request.options}
+        extra = {k: body.pop(k) for k in list(body) if k not in _CREATE_PARAMS}
+        if extra:  # parameters this SDK version does not know (or a compatible server's own)
+            kwargs["extra_body"] = extra
+        try:
+            raw = await client.chat.completions.with_raw_response.create(**body, **kwargs)
+            completion = raw.parse()
+        except openai.OpenAIError as e:
+            raise translate_error(e) from e
+        return LLMResponse(
+            _text(completion.choices[0].message if completion.choices else None),
+            usage=Usage(
+                completion.usage.prompt_tokens if completion.usage else 0,
+                completion.usage.completion_tokens if completion.usage else 0,
+            ),
+            model=completion.model,
+            provider=self.name,
+            via="concurrent",
+            raw=completion,
+            rate_limits=parse_rate_limits(raw.headers),
+        )
+
+
+def _text(message: Any) -> str:
+    if message is None:
+        return ""
+    return message.content or getattr(message, "refusal", None) or ""
+
+
+def chat_body(request: LLMRequest) -> dict[str, Any]:
+    """The chat completions request body, the same for a concurrent call and a batch line.
+
+    `request.options` are merged in (after max_tokens and temperature, so an explicit option wins);
+    `extra_body` is flattened into the body; `extra_headers`, `extra_query` and `timeout` are left out
+    (they only apply to a concurrent call). max_tokens goes out as `max_completion_tokens` for
+    reasoning models (o1, o3, o4-mini, gpt-5), which refuse `max_tokens`.
+    """
+    options = dict(request.options)
+    for reserved in ("model", "messages", "stream"):
+        if reserved in options:
+            raise ConfigError(f"the openai provider sets {reserved!r} itself; remove it from the options")
+    messages = list(request.messages)
+    if request.system is not None:
+        messages.insert(0, {"role": "system", "content": request.system})
+    body: dict[str, Any] = {"model": request.model, "messages": messages}
+    if request.max_tokens is not None:
+        param = "max_completion_tokens" if _REASONING.match(request.model) else "max_tokens"
+        body[param] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    body.update(options.pop("extra_body", None) or {})
+    for k in _TRANSPORT_OPTIONS:
+        options.pop(k, None)
+    body.update(options)
+    return body
+
+
+def translate_error(e: openai.OpenAIError) -> LLMError:
+    """The pocketbatch error for an SDK exception, with retry_after, retryable and rate_limits filled in."""
+    if isinstance(e, openai.APITimeoutError):
+        return error_for_status(None, f"OpenAI request timed out: {e}")
+    if isinstance(e, openai.APIConnectionError):
+        return error_for_status(None, f"could not reach OpenAI: {e}")
+    if isinstance(e, openai.APIStatusError):
+        headers = e.response.headers
+        rate_limits = parse_rate_limits(headers)
+        should_retry = _should_retry(headers)
+        message = e.message
+        if e.status_code == 401:
+            where = os.environ.get("OPENAI_BASE_URL", "").strip() or "api.openai.com"
+            message = f"{message} (check the OPENAI_API_KEY environment variable: {where} refused it)"
+        if e.status_code == 429 and e.code == "insufficient_quota":
+            # No amount of waiting brings quota back: check the plan and billing instead.
+            return RateLimitError(
+                f"{message} (OpenAI quota exhausted: not retried)",
+                status=429,
+                retryable=False,
+                rate_limits=rate_limits,
+            )
+        return error_for_status(
+            e.status_code,
+            message,
+            retry_after=parse_retry_after(headers),
+            should_retry=should_retry,
+            rate_limits=rate_limits,
+        )
+    if isinstance(e, openai.APIResponseValidationError):
+        return LLMError(f"OpenAI sent a response this SDK cannot read: {e}", status=e.status_code)
+    return LLMError(f"{type(e).__name__}: {e}")
+
+
+def _should_retry(headers: Mapping[str, str]) -> bool | None:
+    value = headers.get("x-should-retry", "").strip().lower()
+    return {"true": True, "false": False}.get(value)
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait: `retry-after-ms`, else `retry-after` as seconds or as an HTTP date."""
+    ms = _float(headers.get("retry-after-ms"))
+    if ms is not None and ms >= 0:
+        return ms / 1000
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = _float(value)
+    if seconds is not None:
+        return seconds if seconds >= 0 else None
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9}
+
+
+def parse_duration(value: str | None) -> float | None:
+    """A Go duration (`1s`, `6m0s`, `12ms`, `1m30.5s`) or a bare number of seconds, as seconds."""
+    if value is None:
+        return None
+    value = value.strip()
+    number = _float(value)
+    if number is not None:
+        return number if number >= 0 else None
+    if not value or _DURATION_PART.sub("", value):
+        return None
+    return sum(float(n) * _UNITS[unit] for n, unit in _DURATION_PART.findall(value))
+
+
+def parse_rate_limits(headers: Mapping[str, str]) -> RateLimits | None:
+    """What `x-ratelimit-*` headers say; None when they say nothing. Missing or `-1` values are None."""
+    h = "x-ratelimit-"
+    limits = RateLimits(
+        limit_requests=_count(headers.get(h + "limit-requests")),
+        remaining_requests=_count(headers.get(h + "remaining-requests")),
+        reset_requests=parse_duration(headers.get(h + "reset-requests")),
+        limit_tokens=_count(headers.get(h + "limit-tokens")),
+        remaining_tokens=_count(headers.get(h + "remaining-tokens")),
+        reset_tokens=parse_duration(headers.get(h + "reset-tokens")),
+    )
+    return None if limits == RateLimits() else limits
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _count(value: str | None) -> int | None:
+    number = _float(value)
+    if number is None or number < 0:
+        return None
+    return int(number)
+
+
+@hookimpl
+def register_providers(register) -> None:
+    register(OpenAIProvider(), aliases=MODELS)

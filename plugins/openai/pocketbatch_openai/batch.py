@@ -1,0 +1,240 @@
+"""The OpenAI batch API: one JSONL file of chat completion requests, one job, half the price, 24 hours."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import httpx2
+import openai
+
+from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
+from pocketbatch.errors import LLMError, TransientError, error_for_status
+
+if TYPE_CHECKING:
+    from . import OpenAIProvider
+
+logger = logging.getLogger("pocketbatch.openai")
+
+ENDPOINT = "/v1/chat/completions"
+_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+_STATES = {
+    "validating": "running",
+    "in_progress": "running",
+    "finalizing": "running",
+    "cancelling": "cancelling",
+    "completed": "ended",
+    "expired": "ended",
+    "cancelled": "ended",
+}
+_NOT_RUN = {
+    "batch_expired": "expired: the batch's 24h window closed before it ran",
+    "batch_cancelled": "was cancelled with its batch before it ran",
+}
+
+
+class OpenAIBatch(BatchAPI):
+    """`provider.batch` for OpenAI: `/v1/batches` over a `/v1/files` upload.
+
+    Errors, by the pocketbatch convention: `submit` raises `BatchError(status=400)` for a request that
+    cannot go in a batch file (the message names its custom_id), and `BatchError(status=413)` when the
+    requests are more than `max_requests` or their exact JSONL size is over `max_bytes`; the engine
+    halves a chunk on 413 and submits again. Upload or create failures are BatchErrors with the HTTP
+    status (a server without `/v1/batches`, such as vLLM, gives 404): the engine then runs those
+    requests concurrently. `status` raises `BatchError` for a `failed` job, with OpenAI's reasons.
+    `status`, `results` and `cancel` raise the LLMError family for HTTP failures; a retryable one is a
+    failed poll, and the engine polls again.
+
+    Files: the input file is deleted once the job is over (after `results` has read everything, when
+    `status` reports `failed`, or on `cancel`); output and error files are kept, so results can be read
+    again (OpenAI deletes them after 30 days).
+    """
+
+    max_requests = 50_000
+    # OpenAI says "200 MB"; counted in decimal megabytes so either reading of it is respected.
+    max_bytes = 200_000_000
+    price_factor = 0.5
+
+    def __init__(self, provider: OpenAIProvider) -> None:
+        self.provider = provider
+        # job id -> input file id; after a crash the job's own input_file_id (from retrieve) is used.
+        self._input_files: dict[str, str] = {}
+
+    def jsonl(self, items: list[tuple[str, LLMRequest]]) -> bytes:
+        """The batch input file for (custom_id, request) pairs; BatchError 400/413 if it cannot go."""
+        if not items:
+            raise BatchError("an OpenAI batch needs at least one request", status=400)
+        if len(items) > self.max_requests:
+            raise BatchError(
+                f"{len(items):,} requests are over OpenAI's {self.max_requests:,} per batch", status=413
+            )
+        lines: list[bytes] = []
+        seen: set[str] = set()
+        model = items[0][1].model
+        for custom_id, request in items:
+            if not isinstance(custom_id, str) or not _CUSTOM_ID.match(custom_id):
+                raise BatchError(
+                    f"custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$", status=400
+                )
+            if custom_id in seen:
+                raise BatchError(f"custom_id {custom_id!r} appears twice in one batch", status=400)
+            seen.add(custom_id)
+            if request.model != model:
+                raise BatchError(
+                    f"custom_id {custom_id!r} asks for {request.model!r} but this batch is for "
+                    f"{model!r}: an OpenAI batch file holds one model",
+                    status=400,
+                )
+            if not request.messages or not all(isinstance(m, dict) and "role" in m for m in request.messages):
+                raise BatchError(
+                    f"custom_id {custom_id!r} has no chat messages (a non-empty list of "
+                    '{"role", "content"} dicts)',
+                    status=400,
+                )
+            body = self.provider.chat_body(request)
+            line = {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}
+            try:
+                text = json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise BatchError(f"custom_id {custom_id!r} cannot be sent as JSON: {e}", status=400) from e
+            lines.append(text.encode() + b"\n")
+        size = sum(map(len, lines))
+        if size > self.max_bytes:
+            raise BatchError(
+                f"the batch file is {size:,} bytes, over OpenAI's {self.max_bytes:,}", status=413
+            )
+        return b"".join(lines)
+
+    async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        """Upload the requests as one JSONL file and start a 24h job on it; return the batch id."""
+        data = self.jsonl(items)
+        client = self.provider.client()
+        try:
+            file = await client.files.create(file=("batch.jsonl", data), purpose="batch")
+        except openai.OpenAIError as e:
+            raise self._batch_error("uploading the batch file", e) from e
+        try:
+            batch = await client.batches.create(
+                input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h"
+            )
+        except openai.OpenAIError as e:
+            await self._delete(file.id)
+            raise self._batch_error("creating the batch", e) from e
+        self._input_files[batch.id] = file.id
+        return batch.id
+
+    async def status(self, job_id: str) -> BatchStatus:
+        batch = await self._retrieve(job_id)
+        counts = batch.request_counts
+        status = BatchStatus(
+            state=_STATES.get(batch.status, "running"),
+            counts={"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+            if counts
+            else {},
+            raw=batch,
+        )
+        if batch.status == "failed":
+            await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+            reasons = [
+                f"line {e.line}: {e.code}: {e.message}" if e.line is not None else f"{e.code}: {e.message}"
+                for e in (batch.errors.data or [] if batch.errors else [])
+            ]
+            raise BatchError(
+                f"OpenAI batch {job_id} failed: " + ("; ".join(reasons) or "OpenAI gave no reason")
+            )
+        return status
+
+    async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        """Every line of the output file and of the error file (either may be missing), in any order."""
+        batch = await self._retrieve(job_id)
+        client = self.provider.client()
+        for file_id in (batch.output_file_id, batch.error_file_id):
+            if not file_id:
+                continue
+            try:
+                async with client.files.with_streaming_response.content(file_id) as response:
+                    async for line in response.iter_lines():
+                        if line.strip():
+                            result = self._line(job_id, line)
+                            if result is not None:
+                                yield result
+            except openai.OpenAIError as e:
+                raise self.provider.translate_error(e) from e
+            except httpx2.TransportError as e:  # the connection dropped mid-file
+                raise TransientError(f"reading OpenAI batch {job_id}'s results: {e!r}") from e
+        await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+
+    async def cancel(self, job_id: str) -> None:
+        client = self.provider.client()
+        try:
+            batch = await client.batches.cancel(job_id)
+        except openai.OpenAIError as e:
+            raise self.provider.translate_error(e) from e
+        await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+
+    def _line(self, job_id: str, line: str) -> tuple[str, LLMResponse | LLMError] | None:
+        try:
+            record = json.loads(line)
+            custom_id = record["custom_id"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("OpenAI batch %s: skipped an unreadable result line: %.200s", job_id, line)
+            return None
+        response = record.get("response") or {}
+        error = record.get("error") or {}
+        status = response.get("status_code")
+        body = response.get("body")
+        if status == 200 and isinstance(body, dict):
+            return custom_id, self._response(body)
+        if not response and error.get("code") in _NOT_RUN:
+            return custom_id, TransientError(
+                f"request {custom_id} in OpenAI batch {job_id} {_NOT_RUN[error['code']]}"
+            )
+        detail = (body or {}).get("error") if isinstance(body, dict) else None
+        detail = detail if isinstance(detail, dict) else error
+        message = detail.get("message") or f"no message (line: {line[:200]})"
+        code = detail.get("code")
+        text = f"request {custom_id} in OpenAI batch {job_id} failed" + (f" ({status})" if status else "")
+        text += f": {message}" + (f" [{code}]" if code else "")
+        if status == 429 and code == "insufficient_quota":
+            return custom_id, error_for_status(429, text, should_retry=False)
+        return custom_id, error_for_status(status, text)
+
+    def _response(self, body: dict[str, Any]) -> LLMResponse:
+        choices = body.get("choices") or [{}]
+        message = choices[0].get("message") or {}
+        usage = body.get("usage") or {}
+        return LLMResponse(
+            message.get("content") or message.get("refusal") or "",
+            usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
+            model=body.get("model"),
+            provider=self.provider.name,
+            via="batch",
+            raw=body,
+        )
+
+    async def _retrieve(self, job_id: str) -> Any:
+        try:
+            return await self.provider.client().batches.retrieve(job_id)
+        except openai.OpenAIError as e:
+            raise self.provider.translate_error(e) from e
+
+    async def _delete(self, file_id: str | None) -> None:
+        if not file_id:
+            return
+        try:
+            await self.provider.client().files.delete(file_id)
+        except openai.OpenAIError as e:  # a leftover file costs nothing but storage; never fail a job on it
+            logger.info("could not delete OpenAI batch input file %s: %s", file_id, e)
+
+    def _batch_error(self, doing: str, e: openai.OpenAIError) -> BatchError:
+        err = self.provider.translate_error(e)
+        return BatchError(
+            f"OpenAI batch: {doing} failed: {err.message}",
+            status=err.status,
+            retry_after=err.retry_after,
+            retryable=err.retryable,
+            rate_limits=err.rate_limits,
+        )

@@ -1,0 +1,650 @@
+"""An emulator of the OpenAI API for tests, and the pytest fixture `openai_emulator` that runs it.
+
+The emulator answers the official `openai` SDK at the HTTP level (respx on httpx2's transport), so the
+code under test runs unchanged: chat completions, file upload and download, and batches that walk
+validating → in_progress → finalizing → completed over successive polls. No request leaves the process:
+a request to any other host raises respx's AllMockedAssertionError.
+
+    async def test_summaries(openai_emulator):
+        openai_emulator.fail_next(1, status=429, retry_after_ms=200)
+        ...  # run code that calls openai/gpt-4o-mini
+        assert openai_emulator.calls["chat"] == 2
+
+The fixture sets OPENAI_API_KEY to a test key and removes OPENAI_BASE_URL for the test. It needs the
+`testing` extra (`pip install pocketbatch-openai[testing]`: respx and pytest-httpx2).
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import itertools
+import json
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+BASE_URL = "https://api.openai.com/v1"
+ENDPOINT = "/v1/chat/completions"
+
+_MESSAGES = {
+    400: ("Invalid request.", "invalid_request_error", None),
+    401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
+    403: ("You are not allowed to sample from this model.", "invalid_request_error", None),
+    404: ("The model does not exist or you do not have access to it.", "invalid_request_error", None),
+    408: ("Request timed out.", "timeout", None),
+    409: ("Conflict.", "invalid_request_error", None),
+    429: ("Rate limit reached for requests.", "requests", "rate_limit_exceeded"),
+    500: ("The server had an error while processing your request.", "server_error", None),
+    502: ("Bad gateway.", "server_error", None),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", None),
+}
+_QUOTA = "You exceeded your current quota, please check your plan and billing details."
+
+
+def default_reply(body: dict) -> str:
+    """`Echo: <the last user message>`: deterministic, and distinct for distinct prompts."""
+    users = [m for m in body.get("messages", []) if m.get("role") == "user"] or body.get("messages") or [{}]
+    return f"Echo: {_content_text(users[-1].get('content'))}"
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def _tokens(text: str) -> int:
+    return max(1, len(text.split()))
+
+
+@dataclass
+class Fault:
+    """One injected failure: an HTTP error response, or (timeout/disconnect) no response at all."""
+
+    status: int = 429
+    code: str | None = None
+    message: str | None = None
+    retry_after_ms: float | None = None
+    retry_after: float | None = None
+    should_retry: bool | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    timeout: bool = False
+    disconnect: bool = False
+
+
+class OpenAIEmulator:
+    """A small in-memory OpenAI: chat completions, files and batches, with faults on request.
+
+    State and counters for assertions:
+      `requests`: every httpx.Request answered, in order; `calls`: a Counter per route ("chat",
+      "files.create", "files.retrieve", "files.content", "files.delete", "batches.create",
+      "batches.retrieve", "batches.cancel", "batches.list"); `files` (id -> {"object", "content"}),
+      `deleted_files`, `batches` (id -> the batch as served), `batches_created`, `bodies(route)`.
+    Knobs:
+      `fail_next(n, status=429, ...)` queues faults for a route (chat by default; 429 with
+      `retry_after_ms`, 5xx, `code="insufficient_quota"`, `should_retry`, `timeout=True`);
+      `error_ids` (400 invalid_request_error lines) and `server_error_ids` (500 lines) go to a batch's
+      error file; `expire_ids` make a batch end `expired` with those lines `batch_expired`;
+      `fail_batch(errors=[...])` makes the next batch created end `failed` with that `errors.data`;
+      `polls_per_state` (retrieve calls spent in validating, in_progress and finalizing, default 1);
+      `cancel_completes` (share of lines done before a cancel, default 0.5); `shuffle` (output lines out
+      of input order, default True); `reply(body) -> str` (default `default_reply`); `snapshots`
+      (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses).
+    """
+
+    def __init__(self, base_url: str = BASE_URL, *, seed: int = 0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.requests: list[Any] = []
+        self.calls: Counter[str] = Counter()
+        self.files: dict[str, dict[str, Any]] = {}
+        self.deleted_files: list[str] = []
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.error_ids: set[str] = set()
+        self.server_error_ids: set[str] = set()
+        self.expire_ids: set[str] = set()
+        self.polls_per_state = 1
+        self.cancel_completes = 0.5
+        self.shuffle = True
+        self.reply: Callable[[dict], str] = default_reply
+        self.snapshots: dict[str, str] = {
+            "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
+            "gpt-4o": "gpt-4o-2024-08-06",
+        }
+        self.rate_limits: dict[str, str] = {
+            "x-ratelimit-limit-requests": "500",
+            "x-ratelimit-limit-tokens": "200000",
+            "x-ratelimit-reset-requests": "120ms",
+            "x-ratelimit-reset-tokens": "6m0s",
+        }
+        self._routes: list[str] = []  # the route of each entry in self.requests
+        self._jobs: dict[str, _Job] = {}
+        self._faults: dict[str, list[Fault]] = {}
+        self._batch_failures: list[list[dict]] = []
+        self._random = random.Random(seed)
+        self._ids = itertools.count(1)
+        self._clock = 1_700_000_000
+        self._used_requests = 0
+        self._used_tokens = 0
+        self._mock: Any = None
+
+    # -- the knobs -------------------------------------------------------------------------------
+
+    def fail_next(
+        self,
+        n: int = 1,
+        status: int = 429,
+        *,
+        route: str = "chat",
+        code: str | None = None,
+        message: str | None = None,
+        retry_after_ms: float | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: bool = False,
+        disconnect: bool = False,
+    ) -> None:
+        """The next n requests to `route` fail this way (then it answers normally again)."""
+        fault = Fault(
+            status=status,
+            code=code,
+            message=message,
+            retry_after_ms=retry_after_ms,
+            retry_after=retry_after,
+            should_retry=should_retry,
+            headers=dict(headers or {}),
+            timeout=timeout,
+            disconnect=disconnect,
+        )
+        self._faults.setdefault(route, []).extend([fault] * n)
+
+    def fail_batch(self, errors: list[dict] | None = None) -> None:
+        """The next batch created ends `failed` on its first poll, with `errors` as its `errors.data`."""
+        errors = errors or [{"code": "invalid_request", "line": 1, "message": "The batch was rejected."}]
+        self._batch_failures.append([{"param": None, "line": None, **e} for e in errors])
+
+    @property
+    def batches_created(self) -> int:
+        return self.calls["batches.create"]
+
+    def bodies(self, route: str = "chat") -> list[Any]:
+        """The JSON bodies of the requests to `route` (chat and batches.create)."""
+        return [
+            json.loads(r.content)
+            for r, name in zip(self.requests, self._routes, strict=True)
+            if name == route
+        ]
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def start(self) -> OpenAIEmulator:
+        import respx
+
+        self._mock = respx.mock(
+            using=_mocker_name(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
+        )
+        router = self._mock.__enter__()
+        router.route().mock(side_effect=self._handle)
+        return self
+
+    def stop(self) -> None:
+        if self._mock is not None:
+            self._mock.__exit__(None, None, None)
+            self._mock = None
+
+    def __enter__(self) -> OpenAIEmulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP ------------------------------------------------------------------------------------
+
+    def _handle(self, request: Any) -> Any:
+        path = request.url.path
+        base_path = self._base_path()
+        rel = path[len(base_path) :] if path.startswith(base_path) else path
+        parts = [p for p in rel.split("/") if p]
+        method = request.method
+        route, handler, args = self._dispatch(method, parts)
+        self.requests.append(request)
+        self._routes.append(route)
+        self.calls[route] += 1
+        self._clock += 1
+        faults = self._faults.get(route)
+        if faults:
+            return self._fault(faults.pop(0), route, request)
+        if handler is None:
+            return self._error(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
+        return handler(request, *args)
+
+    def _base_path(self) -> str:
+        import httpx
+
+        return httpx.URL(self.base_url).path.rstrip("/")
+
+    def _dispatch(self, method: str, parts: list[str]) -> tuple[str, Any, tuple]:
+        match method, parts:
+            case "POST", ["chat", "completions"]:
+                return "chat", self._chat, ()
+            case "POST", ["files"]:
+                return "files.create", self._file_create, ()
+            case "GET", ["files", file_id]:
+                return "files.retrieve", self._file_retrieve, (file_id,)
+            case "DELETE", ["files", file_id]:
+                return "files.delete", self._file_delete, (file_id,)
+            case "GET", ["files", file_id, "content"]:
+                return "files.content", self._file_content, (file_id,)
+            case "POST", ["batches"]:
+                return "batches.create", self._batch_create, ()
+            case "GET", ["batches"]:
+                return "batches.list", self._batch_list, ()
+            case "GET", ["batches", batch_id]:
+                return "batches.retrieve", self._batch_retrieve, (batch_id,)
+            case "POST", ["batches", batch_id, "cancel"]:
+                return "batches.cancel", self._batch_cancel, (batch_id,)
+        return "unknown", None, ()
+
+    def _response(self, status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
+        import httpx
+
+        headers = {"x-request-id": f"req_{next(self._ids)}", **(headers or {})}
+        if isinstance(body, bytes):
+            return httpx.Response(status, content=body, headers=headers)
+        return httpx.Response(status, json=body, headers=headers)
+
+    def _error(
+        self, status: int, message: str | None = None, *, code: str | None = None, headers: dict | None = None
+    ) -> Any:
+        default_message, kind, default_code = _MESSAGES.get(status, ("Error.", "server_error", None))
+        if code == "insufficient_quota":
+            kind, default_message = "insufficient_quota", _QUOTA
+        error = {
+            "message": message or default_message,
+            "type": kind,
+            "param": None,
+            "code": code if code is not None else default_code,
+        }
+        return self._response(status, {"error": error}, headers)
+
+    def _fault(self, fault: Fault, route: str, request: Any) -> Any:
+        import httpcore2
+
+        if fault.timeout:
+            raise httpcore2.ReadTimeout("emulated timeout")
+        if fault.disconnect:
+            raise httpcore2.ConnectError("emulated connection failure")
+        headers = dict(self._rate_limit_headers(remaining_requests=0) if route == "chat" else {})
+        if fault.retry_after_ms is not None:
+            headers["retry-after-ms"] = f"{fault.retry_after_ms:g}"
+        if fault.retry_after is not None:
+            headers["retry-after"] = f"{fault.retry_after:g}"
+        if fault.should_retry is not None:
+            headers["x-should-retry"] = "true" if fault.should_retry else "false"
+        headers.update(fault.headers)
+        return self._error(fault.status, fault.message, code=fault.code, headers=headers)
+
+    # -- chat completions ------------------------------------------------------------------------
+
+    def _chat(self, request: Any) -> Any:
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            return self._error(400, "We could not parse the JSON body of your request.")
+        problem = _check_chat_body(body)
+        if problem:
+            return self._error(400, problem)
+        completion = self.completion(body)
+        self._used_requests += 1
+        self._used_tokens += completion["usage"]["total_tokens"]
+        return self._response(200, completion, self._rate_limit_headers())
+
+    def completion(self, body: dict) -> dict:
+        """The ChatCompletion the emulator answers `body` with (the same on the batch path)."""
+        text = self.reply(body)
+        limit = body.get("max_completion_tokens") or body.get("max_tokens")
+        finish = "stop"
+        if limit is not None and _tokens(text) > limit:
+            text, finish = " ".join(text.split()[:limit]), "length"
+        prompt = " ".join(_content_text(m.get("content")) for m in body["messages"])
+        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text)}
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        return {
+            "id": f"chatcmpl-{next(self._ids)}",
+            "object": "chat.completion",
+            "created": self._clock,
+            "model": self.snapshots.get(body["model"], body["model"]),
+            "choices": [
+                {
+                    "index": 0,
+                    "finish_reason": finish,
+                    "logprobs": None,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                }
+            ],
+            "usage": usage,
+        }
+
+    def _rate_limit_headers(self, remaining_requests: int | None = None) -> dict[str, str]:
+        headers = dict(self.rate_limits)
+        limit_requests = int(headers.get("x-ratelimit-limit-requests", "0") or 0)
+        limit_tokens = int(headers.get("x-ratelimit-limit-tokens", "0") or 0)
+        if remaining_requests is None:
+            remaining_requests = max(0, limit_requests - self._used_requests)
+        headers.setdefault("x-ratelimit-remaining-requests", str(remaining_requests))
+        headers.setdefault("x-ratelimit-remaining-tokens", str(max(0, limit_tokens - self._used_tokens)))
+        return headers
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _file_create(self, request: Any) -> Any:
+        form = _multipart(request.headers.get("content-type", ""), request.content)
+        if "file" not in form or form.get("purpose", (None, b""))[1] != b"batch":
+            return self._error(400, "Upload a 'file' with purpose 'batch'.")
+        filename, content = form["file"]
+        file = self._add_file(filename or "upload.jsonl", content, "batch")
+        return self._response(200, file)
+
+    def _add_file(self, filename: str, content: bytes, purpose: str) -> dict:
+        file_id = f"file-{next(self._ids)}"
+        obj = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(content),
+            "created_at": self._clock,
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+        }
+        self.files[file_id] = {"object": obj, "content": content}
+        return obj
+
+    def _file_retrieve(self, request: Any, file_id: str) -> Any:
+        if file_id not in self.files:
+            return self._error(404, f"No such File object: {file_id}")
+        return self._response(200, self.files[file_id]["object"])
+
+    def _file_delete(self, request: Any, file_id: str) -> Any:
+        if file_id not in self.files:
+            return self._error(404, f"No such File object: {file_id}")
+        del self.files[file_id]
+        self.deleted_files.append(file_id)
+        return self._response(200, {"id": file_id, "object": "file", "deleted": True})
+
+    def _file_content(self, request: Any, file_id: str) -> Any:
+        if file_id not in self.files:
+            return self._error(404, f"No such File object: {file_id}")
+        return self._response(
+            200, self.files[file_id]["content"], {"content-type": "application/octet-stream"}
+        )
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _batch_create(self, request: Any) -> Any:
+        params = json.loads(request.content)
+        file_id = params.get("input_file_id")
+        if file_id not in self.files:
+            return self._error(404, f"No such File object: {file_id}")
+        if params.get("endpoint") != ENDPOINT:
+            return self._error(400, f"The emulator only serves {ENDPOINT} batches.")
+        if params.get("completion_window") != "24h":
+            return self._error(400, "completion_window must be '24h'.")
+        batch_id = f"batch_{next(self._ids)}"
+        lines, errors = _read_input(self.files[file_id]["content"])
+        if self._batch_failures:
+            errors = self._batch_failures.pop(0)
+        batch = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": ENDPOINT,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "created_at": self._clock,
+            "expires_at": self._clock + 86_400,
+            "output_file_id": None,
+            "error_file_id": None,
+            "errors": None,
+            "metadata": params.get("metadata"),
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        }
+        self.batches[batch_id] = batch
+        self._jobs[batch_id] = _Job(lines=lines, errors=errors)
+        return self._response(200, batch)
+
+    def _batch_retrieve(self, request: Any, batch_id: str) -> Any:
+        if batch_id not in self.batches:
+            return self._error(404, f"No batch found with id '{batch_id}'.")
+        self._advance(batch_id)
+        return self._response(200, self.batches[batch_id])
+
+    def _batch_cancel(self, request: Any, batch_id: str) -> Any:
+        if batch_id not in self.batches:
+            return self._error(404, f"No batch found with id '{batch_id}'.")
+        batch = self.batches[batch_id]
+        if batch["status"] not in ("validating", "in_progress", "finalizing"):
+            return self._error(400, f"Cannot cancel a batch with status '{batch['status']}'.")
+        self._set_status(batch, "cancelling")
+        return self._response(200, batch)
+
+    def _batch_list(self, request: Any) -> Any:
+        data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+        return self._response(
+            200,
+            {
+                "object": "list",
+                "data": data,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "has_more": False,
+            },
+        )
+
+    def _set_status(self, batch: dict, status: str) -> None:
+        batch["status"] = status
+        batch[f"{status}_at"] = self._clock
+
+    def _advance(self, batch_id: str) -> None:
+        batch, job = self.batches[batch_id], self._jobs[batch_id]
+        status = batch["status"]
+        if status in ("completed", "expired", "cancelled", "failed"):
+            return
+        if status == "cancelling":
+            self._finish(batch, job, "cancelled")
+            return
+        job.polls += 1
+        if job.polls < self.polls_per_state:
+            return
+        job.polls = 0
+        if status == "validating":
+            if job.errors:
+                batch["errors"] = {"object": "list", "data": job.errors}
+                self._set_status(batch, "failed")
+                return
+            self._set_status(batch, "in_progress")
+            batch["request_counts"]["total"] = len(job.lines)
+        elif status == "in_progress":
+            self._set_status(batch, "finalizing")
+        elif status == "finalizing":
+            expired = any(line["custom_id"] in self.expire_ids for line in job.lines)
+            self._finish(batch, job, "expired" if expired else "completed")
+
+    def _finish(self, batch: dict, job: _Job, status: str) -> None:
+        done = len(job.lines)
+        if status == "cancelled":
+            done = int(len(job.lines) * self.cancel_completes)
+        output, errors = [], []
+        for i, line in enumerate(job.lines):
+            custom_id = line["custom_id"]
+            if status == "cancelled" and i >= done:
+                errors.append(self._not_run(custom_id, "batch_cancelled", "This request was cancelled."))
+            elif status == "expired" and custom_id in self.expire_ids:
+                errors.append(
+                    self._not_run(
+                        custom_id,
+                        "batch_expired",
+                        "This request could not be executed before the completion window expired.",
+                    )
+                )
+            elif custom_id in self.error_ids:
+                errors.append(self._line(custom_id, 400, _error_body(400, "Invalid request in this line.")))
+            elif custom_id in self.server_error_ids:
+                errors.append(self._line(custom_id, 500, _error_body(500)))
+            else:
+                output.append(self._line(custom_id, 200, self.completion(line["body"])))
+        for key, name, lines in (
+            ("output_file_id", "batch_output.jsonl", output),
+            ("error_file_id", "batch_errors.jsonl", errors),
+        ):
+            if lines:
+                batch[key] = self._add_file(name, self._jsonl(lines), "batch_output")["id"]
+        batch["request_counts"] = {"total": len(job.lines), "completed": len(output), "failed": len(errors)}
+        self._set_status(batch, status)
+
+    def _line(self, custom_id: str, status: int, body: dict) -> dict:
+        n = next(self._ids)
+        return {
+            "id": f"batch_req_{n}",
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": f"req_{n}", "body": body},
+            "error": None,
+        }
+
+    def _not_run(self, custom_id: str, code: str, message: str) -> dict:
+        return {
+            "id": f"batch_req_{next(self._ids)}",
+            "custom_id": custom_id,
+            "response": None,
+            "error": {"code": code, "message": message},
+        }
+
+    def _jsonl(self, lines: list[dict]) -> bytes:
+        order = list(lines)
+        if self.shuffle and len(order) > 1:
+            self._random.shuffle(order)
+            if order == lines:  # the real API promises no order: never hand back input order by luck
+                order.reverse()
+        return b"".join(json.dumps(line).encode() + b"\n" for line in order)
+
+
+@dataclass
+class _Job:
+    lines: list[dict]
+    errors: list[dict]
+    polls: int = 0
+
+
+def _error_body(status: int, message: str | None = None) -> dict:
+    default_message, kind, code = _MESSAGES.get(status, ("Error.", "server_error", None))
+    return {"error": {"message": message or default_message, "type": kind, "param": None, "code": code}}
+
+
+def _check_chat_body(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return "The body must be a JSON object."
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        return "you must provide a model parameter"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty array."
+    if not all(isinstance(m, dict) and "role" in m for m in messages):
+        return "Each message needs a 'role'."
+    return None
+
+
+def _read_input(content: bytes) -> tuple[list[dict], list[dict]]:
+    """The lines of a batch input file, and the validation errors the real API would fail it with."""
+    lines: list[dict] = []
+    errors: list[dict] = []
+    seen: set[str] = set()
+    model = None
+    raw_lines = [raw for raw in content.decode("utf-8", "replace").splitlines() if raw.strip()]
+
+    def error(code: str, n: int, message: str) -> None:
+        errors.append({"code": code, "line": n, "message": message, "param": None})
+
+    if not raw_lines:
+        error("empty_file", 1, "The input file is empty.")
+    if len(raw_lines) > 50_000:
+        error("too_many_tasks", 50_001, "The batch has more than 50,000 requests.")
+    for n, raw in enumerate(raw_lines, 1):
+        try:
+            line = json.loads(raw)
+        except ValueError:
+            error("invalid_json_line", n, "This line is not valid JSON.")
+            continue
+        custom_id = line.get("custom_id") if isinstance(line, dict) else None
+        if not isinstance(custom_id, str):
+            error("missing_required_parameter", n, "Missing required parameter: 'custom_id'.")
+            continue
+        if custom_id in seen:
+            error("duplicate_custom_id", n, f"The custom_id '{custom_id}' is a duplicate.")
+        seen.add(custom_id)
+        if line.get("method") != "POST" or line.get("url") != ENDPOINT:
+            error("url_mismatch", n, f"The line's url does not match the batch endpoint {ENDPOINT}.")
+        body = line.get("body")
+        problem = _check_chat_body(body)
+        if problem:
+            error("invalid_request", n, problem)
+            continue
+        model = model or body["model"]
+        if body["model"] != model:
+            error("model_mismatch", n, "All requests in a batch must use the same model.")
+        lines.append(line)
+    return lines, errors
+
+
+def _multipart(content_type: str, data: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """name -> (filename, bytes) for each part of a multipart/form-data body."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + data
+    )
+    parts: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            parts[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return parts
+
+
+_LOCAL_MOCKER = "httpcore2-pocketbatch-openai"
+
+
+def _mocker_name() -> str:
+    """pytest-httpx2's respx mocker for httpx2, or (without it) an equivalent one defined here."""
+    try:
+        import pytest_httpx2  # noqa: F401  (importing it registers the "httpcore2" mocker)
+
+        return "httpcore2"
+    except ImportError:
+        pass
+    from respx.mocks import HTTPCoreMocker, Mocker
+
+    if _LOCAL_MOCKER not in Mocker.registry:
+
+        class _HTTPCore2Mocker(HTTPCoreMocker):
+            name = _LOCAL_MOCKER
+            targets = [
+                "httpcore2._sync.connection.HTTPConnection",
+                "httpcore2._sync.connection_pool.ConnectionPool",
+                "httpcore2._sync.http_proxy.HTTPProxy",
+                "httpcore2._async.connection.AsyncHTTPConnection",
+                "httpcore2._async.connection_pool.AsyncConnectionPool",
+                "httpcore2._async.http_proxy.AsyncHTTPProxy",
+            ]
+
+    return _LOCAL_MOCKER
+
+
+@pytest.fixture
+def openai_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAIEmulator]:
+    """An OpenAIEmulator on https://api.openai.com/v1 for one test, with a test OPENAI_API_KEY set."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-openai-emulator")
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    with OpenAIEmulator() as emulator:
+        yield emulator
