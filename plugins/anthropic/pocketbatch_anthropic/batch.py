@@ -1,0 +1,179 @@
+"""The Message Batches API as a pocketbatch BatchAPI: one job for up to 100,000 requests at half price."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMError, LLMRequest, LLMResponse, TransientError
+
+from .api import InvalidRequest, build_params, dumps, error_for_type, to_response, translate_error
+
+if TYPE_CHECKING:
+    from . import AnthropicProvider
+
+logger = logging.getLogger("pocketbatch.anthropic")
+
+CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+STATES = {"in_progress": "running", "canceling": "cancelling", "ended": "ended"}
+COUNTS = ("processing", "succeeded", "errored", "canceled", "expired")
+
+# The body is {"requests":[r1,r2,...]}: its size is the requests' sizes plus this frame and the commas.
+_FRAME = len(b'{"requests":[') + len(b"]}")
+
+
+class AnthropicBatch(BatchAPI):
+    """`client.messages.batches` for an AnthropicProvider.
+
+    Limits are Anthropic's: 100,000 requests or 256 MB (taken as 256,000,000 bytes, the stricter reading)
+    per batch, whichever comes first. Set `max_requests` / `max_bytes` on the instance to go lower.
+    """
+
+    max_requests: int = 100_000
+    max_bytes: int = 256_000_000
+    price_factor: float = 0.5
+
+    def __init__(self, provider: AnthropicProvider) -> None:
+        self.provider = provider
+
+    async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        """Create one Message Batch for (custom_id, request) pairs and return its id.
+
+        Everything is checked before anything is sent. Status codes on the BatchError follow one
+        convention, which the engine relies on:
+        - 400: a request is invalid (bad or duplicate custom_id, empty messages, max_tokens < 1, params
+          that are not JSON); the message names the custom_id and what is wrong. Splitting cannot help.
+        - 413: the batch is over `max_requests` or `max_bytes` (the exact size of the JSON body the SDK
+          sends), or the API answered 413; the engine halves the chunk and submits each half.
+        - otherwise the API's own status, with `retryable` as the API said (429, 5xx: try again later).
+        """
+        if not items:
+            raise BatchError("a Message Batch needs at least one request", status=400)
+        if len(items) > self.max_requests:
+            raise BatchError(
+                f"{len(items)} requests are over the Message Batches limit of {self.max_requests}",
+                status=413,
+            )
+        requests: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        size = _FRAME + len(items) - 1
+        for custom_id, request in items:
+            if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id):
+                raise BatchError(f"custom_id {custom_id!r} must match ^[a-zA-Z0-9_-]{{1,64}}$", status=400)
+            if custom_id in seen:
+                raise BatchError(f"custom_id {custom_id!r} is used twice in one batch", status=400)
+            seen.add(custom_id)
+            try:
+                params = build_params(request)
+            except InvalidRequest as e:
+                raise BatchError(f"request {custom_id!r} is invalid: {e}", status=400) from None
+            entry = {"custom_id": custom_id, "params": params}
+            try:
+                size += len(dumps(entry))
+            except (TypeError, ValueError) as e:
+                raise BatchError(
+                    f"request {custom_id!r} is invalid: its params are not JSON-serialisable ({e})",
+                    status=400,
+                ) from None
+            requests.append(entry)
+        if size > self.max_bytes:
+            raise BatchError(
+                f"the batch body is {size:,} bytes, over the Message Batches limit of {self.max_bytes:,}",
+                status=413,
+            )
+        client = self.provider.client()
+        try:
+            batch = await client.messages.batches.create(requests=requests)
+        except _sdk_errors() as e:
+            raise _batch_error("anthropic refused the Message Batch", e) from e
+        return batch.id
+
+    async def status(self, job_id: str) -> BatchStatus:
+        client = self.provider.client()
+        try:
+            batch = await client.messages.batches.retrieve(job_id)
+        except _sdk_errors() as e:
+            raise _llm_error(e) from e
+        state = STATES.get(batch.processing_status)
+        if state is None:
+            # An unknown new state: polling on is safe, while calling the job lost would pay twice.
+            logger.warning(
+                "Message Batch %s has unknown processing_status %r", job_id, batch.processing_status
+            )
+            state = "running"
+        counts = {name: getattr(batch.request_counts, name) for name in COUNTS}
+        return BatchStatus(state=state, counts=counts, raw=batch)
+
+    def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        return self._results(job_id)
+
+    async def _results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
+        import anthropic
+
+        client = self.provider.client()
+        try:
+            lines = await client.messages.batches.results(job_id)
+        except anthropic.APIError as e:
+            raise translate_error(e) from e
+        except anthropic.AnthropicError as e:
+            # The SDK's own refusal when results_url is still null: the batch has not ended, poll again.
+            raise TransientError(f"Message Batch {job_id} has no results yet: {e}") from e
+        try:
+            async for line in lines:
+                yield line.custom_id, _result(line.result)
+        except _sdk_errors() as e:
+            raise _llm_error(e) from e
+
+    async def cancel(self, job_id: str) -> None:
+        client = self.provider.client()
+        try:
+            await client.messages.batches.cancel(job_id)
+        except _sdk_errors() as e:
+            raise _llm_error(e) from e
+
+
+def _result(result: Any) -> LLMResponse | LLMError:
+    kind = result.type
+    if kind == "succeeded":
+        return to_response(result.message, via="batch")
+    if kind == "errored":
+        error = getattr(result.error, "error", None)
+        error_type = getattr(error, "type", None)
+        detail = getattr(error, "message", None) or "no message"
+        return error_for_type(error_type, f"anthropic batch request errored: {error_type}: {detail}")
+    if kind == "expired":
+        return TransientError(
+            "the request expired: the Message Batch reached its 24 h limit before running it"
+        )
+    if kind == "canceled":
+        return TransientError("the request was cancelled with its Message Batch before it ran")
+    return TransientError(f"anthropic batch result of unknown type {kind!r}")
+
+
+def _sdk_errors() -> tuple[type[Exception], ...]:
+    """What the SDK raises: its own errors, and httpx2's when a streamed body breaks mid-read."""
+    import anthropic
+    import httpx2
+
+    return (anthropic.AnthropicError, httpx2.HTTPError)
+
+
+def _llm_error(exc: Exception) -> LLMError:
+    import anthropic
+
+    if isinstance(exc, anthropic.AnthropicError):
+        return translate_error(exc)
+    return TransientError(f"lost the connection to anthropic: {exc}")
+
+
+def _batch_error(prefix: str, exc: Exception) -> BatchError:
+    error = _llm_error(exc)
+    return BatchError(
+        f"{prefix}: {error.message}",
+        status=error.status,
+        retry_after=error.retry_after,
+        retryable=error.retryable,
+        rate_limits=error.rate_limits,
+    )
