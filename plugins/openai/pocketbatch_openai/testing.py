@@ -430,6 +430,7 @@ class OpenAIEmulator:
         if batch["status"] not in ("validating", "in_progress", "finalizing"):
             return self._error(400, f"Cannot cancel a batch with status '{batch['status']}'.")
         self._set_status(batch, "cancelling")
+        self._jobs[batch_id].polls = 0
         return self._response(200, batch)
 
     def _batch_list(self, request: Any) -> Any:
@@ -454,13 +455,13 @@ class OpenAIEmulator:
         status = batch["status"]
         if status in ("completed", "expired", "cancelled", "failed"):
             return
-        if status == "cancelling":
-            self._finish(batch, job, "cancelled")
-            return
         job.polls += 1
         if job.polls < self.polls_per_state:
             return
         job.polls = 0
+        if status == "cancelling":
+            self._finish(batch, job, "cancelled")
+            return
         if status == "validating":
             if job.errors:
                 batch["errors"] = {"object": "list", "data": job.errors}
