@@ -317,3 +317,30 @@ def test_entry_points():
     points = {(ep.group, ep.name): ep.value for ep in dist.entry_points}
     assert points[("pocketbatch", "openai")] == "pocketbatch_openai"
     assert points[("pytest11", "pocketbatch_openai")] == "pocketbatch_openai.testing"
+
+
+@pytest.fixture
+def installed():
+    """The plugin module registered with pocketbatch's plugin manager, as its entry point would."""
+    import pocketbatch_openai
+    from pocketbatch import registry
+    from pocketbatch.plugins import pm
+
+    pm.register(pocketbatch_openai, name="openai-under-test")
+    registry.reset()
+    yield registry
+    pm.unregister(name="openai-under-test")
+    registry.reset()
+
+
+def test_model_names_resolve_through_the_registry(installed, monkeypatch):
+    from pocketbatch.plugins import pm
+
+    pm.check_pending()  # the hookimpl matches the published hookspec
+    provider, name = installed.resolve("gpt-4o-mini")
+    assert isinstance(provider, OpenAIProvider) and name == "gpt-4o-mini"
+    assert installed.resolve("openai/gpt-4o-mini-2024-07-18")[1] == "gpt-4o-mini-2024-07-18"
+    with pytest.raises(ConfigError, match="gpt-4o-typo"):
+        installed.resolve("openai/gpt-4o-typo")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://localhost:8000/v1")
+    assert installed.resolve("openai/llama3.1:8b") == (provider, "llama3.1:8b")
