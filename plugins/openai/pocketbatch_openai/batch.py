@@ -165,7 +165,8 @@ class OpenAIBatch(BatchAPI):
                 raise self.provider.translate_error(e) from e
             except httpx2.TransportError as e:  # the connection dropped mid-file
                 raise TransientError(f"reading OpenAI batch {job_id}'s results: {e!r}") from e
-        await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+        if _STATES.get(batch.status) == "ended":  # a running job still reads its input file
+            await self._delete(self._input_files.pop(job_id, batch.input_file_id))
 
     async def cancel(self, job_id: str) -> None:
         client = self.provider.client()

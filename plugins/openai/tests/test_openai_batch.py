@@ -117,6 +117,12 @@ async def test_input_file_is_deleted_after_results_and_outputs_are_kept(
     assert openai_emulator.deleted_files == [batch["input_file_id"]]
 
 
+async def test_results_of_a_running_job_keep_its_input_file(openai_provider, openai_emulator, make_request):
+    job_id = await openai_provider.batch.submit(items_for(make_request, ["a"]))
+    assert await collect(openai_provider.batch, job_id) == []
+    assert openai_emulator.deleted_files == []
+
+
 async def test_a_new_process_finds_the_input_file_from_the_job(
     openai_provider, openai_emulator, make_request
 ):
