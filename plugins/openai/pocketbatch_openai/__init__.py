@@ -116,12 +116,16 @@ class OpenAIProvider(Provider):
         ] = weakref.WeakKeyDictionary()
         self.batch: OpenAIBatch = OpenAIBatch(self)
 
+    # Both paths build bodies and read errors through these, so a subclass for a server with its own
+    # habits (an Azure deployment, a proxy) changes them in one place.
     @staticmethod
     def chat_body(request: LLMRequest) -> dict[str, Any]:
+        """The request body for `request`, on the concurrent path and in a batch line alike."""
         return chat_body(request)
 
     @staticmethod
     def translate_error(e: openai.OpenAIError) -> LLMError:
+        """The pocketbatch error for an SDK exception."""
         return translate_error(e)
 
     @property
@@ -142,7 +146,7 @@ class OpenAIProvider(Provider):
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
         client = self.client()
-        body = chat_body(request)
+        body = self.chat_body(request)
         kwargs = {k: request.options[k] for k in _TRANSPORT_OPTIONS if k in request.options}
         extra = {k: body.pop(k) for k in list(body) if k not in _CREATE_PARAMS}
         if extra:  # parameters this SDK version does not know (or a compatible server's own)
@@ -151,7 +155,7 @@ class OpenAIProvider(Provider):
             raw = await client.chat.completions.with_raw_response.create(**body, **kwargs)
             completion = raw.parse()
         except openai.OpenAIError as e:
-            raise translate_error(e) from e
+            raise self.translate_error(e) from e
         return LLMResponse(
             _text(completion.choices[0].message if completion.choices else None),
             usage=Usage(
