@@ -34,24 +34,9 @@ __all__ = [
     "MAX_TOKENS_ENV_VAR",
     "AnthropicBatch",
     "AnthropicProvider",
-    "ClaudeModels",
     "default_max_tokens",
     "register_providers",
 ]
-
-
-class ClaudeModels(tuple):
-    """The known Claude model names, for listing; `in` also accepts any other name starting "claude-".
-
-    Anthropic publishes dated snapshots (claude-sonnet-4-5-20250929) and new models faster than this
-    list can follow, so a "claude-" name is passed to the API, which answers an unknown one with a 404
-    (a RequestError). A name that cannot be a Claude model, such as "gpt-4o", is refused before any call.
-    """
-
-    __slots__ = ()
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (tuple.__contains__(self, name) or name.startswith("claude-"))
 
 
 class AnthropicProvider(Provider):
@@ -64,53 +49,50 @@ class AnthropicProvider(Provider):
     name: ClassVar[str] = "anthropic"
     key_env_var: ClassVar[str | None] = KEY_ENV_VAR
     default_model: ClassVar[str] = "claude-haiku-4-5"
-    models: ClassVar[tuple[str, ...]] = ClaudeModels(
-        (
-            "claude-opus-4-8",
-            "claude-opus-4-7",
-            "claude-opus-4-6",
-            "claude-opus-4-5",
-            "claude-opus-4-5-20251101",
-            "claude-opus-4-1",
-            "claude-opus-4-1-20250805",
-            "claude-opus-4-0",
-            "claude-opus-4-20250514",
-            "claude-sonnet-4-6",
-            "claude-sonnet-4-5",
-            "claude-sonnet-4-5-20250929",
-            "claude-sonnet-4-0",
-            "claude-sonnet-4-20250514",
-            "claude-3-7-sonnet-latest",
-            "claude-3-7-sonnet-20250219",
-            "claude-haiku-4-5",
-            "claude-haiku-4-5-20251001",
-            "claude-3-5-haiku-latest",
-            "claude-3-5-haiku-20241022",
-            "claude-3-haiku-20240307",
-        )
+    # Current models: the names in anthropic 2.14's ModelParam, less claude-mythos-preview (past its
+    # end of life, 2026-06-30). The Claude 3.x models and Opus/Sonnet 4.0-4.1 are retired and the SDK no
+    # longer lists them. The core also accepts a dated snapshot or "-latest" of a listed name
+    # (claude-haiku-4-5-20251001, claude-sonnet-4-5-20250929); any other name is a ConfigError before a
+    # call, so a new model needs this list (and a release) to be usable.
+    models: ClassVar[tuple[str, ...]] = (
+        "claude-haiku-4-5",
+        "claude-haiku-5-5",
+        "claude-sonnet-5-5",
+        "claude-sonnet-5",
+        "claude-sonnet-4-6",
+        "claude-sonnet-4-5",  # end of life 2026-11-30 (anthropic._data.deprecated_models)
+        "claude-opus-5-5",
+        "claude-opus-5",
+        "claude-opus-4-8",
+        "claude-opus-4-7",
+        "claude-opus-4-6",
+        "claude-opus-4-5",  # end of life 2027-01-22
+        "claude-fable-5-2",
+        "claude-fable-5-1",
+        "claude-fable-5",
+        "claude-mythos-5-2",
+        "claude-mythos-5-1",
+        "claude-mythos-5",
     )
     # Where the engine's learning starts: Anthropic's tier-1 limits (50 RPM, 50k input tokens a minute).
     # The anthropic-ratelimit-* headers on the first reply replace them with the account's real limits.
     rpm: ClassVar[float] = 50
     tpm: ClassVar[float] = 50_000
-    # USD per million (input, output) tokens, from platform.claude.com/docs/about-claude/pricing as read on
-    # 2026-11-25. A key also prices its dated snapshots and "-latest" (Provider.price). Models missing
-    # from that page (claude-opus-4-7, claude-opus-4-8) stay unpriced: cost_usd None rather than a guess.
+    # USD per million (input, output) tokens, as of 2026-11-25. Haiku 4.5, Sonnet 4.5/4.6 and Opus
+    # 4.5/4.6 from Anthropic's pricing page (platform.claude.com/docs/about-claude/pricing); Opus 4.7/4.8
+    # and Fable 5/Mythos 5 from their launch coverage (June 2026), not yet on the stored copy of that page.
+    # A key also prices its dated snapshots (Provider.price). The models left out have no published price
+    # found here: their cost_usd is None rather than a guess.
     prices: ClassVar[dict[str, tuple[float, float]]] = {
-        "claude-opus-4-6": (5.0, 25.0),
-        "claude-opus-4-5": (5.0, 25.0),
-        "claude-opus-4-1": (15.0, 75.0),
-        "claude-opus-4-0": (15.0, 75.0),
-        "claude-opus-4": (15.0, 75.0),
+        "claude-haiku-4-5": (1.0, 5.0),
         "claude-sonnet-4-6": (3.0, 15.0),
         "claude-sonnet-4-5": (3.0, 15.0),
-        "claude-sonnet-4-0": (3.0, 15.0),
-        "claude-sonnet-4": (3.0, 15.0),
-        "claude-3-7-sonnet": (3.0, 15.0),
-        "claude-haiku-4-5": (1.0, 5.0),
-        "claude-3-5-haiku": (0.8, 4.0),
-        "claude-3-haiku": (0.25, 1.25),
-        "claude-3-opus": (15.0, 75.0),
+        "claude-opus-4-8": (5.0, 25.0),
+        "claude-opus-4-7": (5.0, 25.0),
+        "claude-opus-4-6": (5.0, 25.0),
+        "claude-opus-4-5": (5.0, 25.0),
+        "claude-fable-5": (10.0, 50.0),
+        "claude-mythos-5": (10.0, 50.0),
     }
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:

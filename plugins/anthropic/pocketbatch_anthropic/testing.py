@@ -143,7 +143,7 @@ class AnthropicEmulator:
     def __init__(self, base_url: str | None = None, *, seed: int = 0) -> None:
         self.base_url = (base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.polls_until_ended = 2
-        self.results_for: dict[str, str] = {}
+        self._results_for: dict[str, str] = {}
         self.done_before_cancel = 0
         self.ratelimit_headers: dict[str, str] | None = None
         self.limits = {"requests": 50, "input-tokens": 50_000, "output-tokens": 10_000}
@@ -198,6 +198,18 @@ class AnthropicEmulator:
         kind = error_type or "api_error"
         fault = Fault(status, kind, message or f"emulated {kind}", extra)
         self._faults[route].extend(fault for _ in range(n))
+
+    @property
+    def results_for(self) -> dict[str, str]:
+        return self._results_for
+
+    @results_for.setter
+    def results_for(self, value: dict[str, str]) -> None:
+        # Checked here, where a typo is the test's own traceback, not a "connection error" from the SDK.
+        wrong = {k: v for k, v in value.items() if v not in RESULT_TYPES}
+        if wrong:
+            raise ValueError(f"results_for values must be among {RESULT_TYPES}; got {wrong}")
+        self._results_for = dict(value)
 
     @property
     def batches_created(self) -> int:
