@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
+import shlex
+import signal
 import sys
+import time
 from importlib import metadata
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from . import registry
+from . import config, registry
+from .config import MODES
+from .engine import events
+from .engine.batch import CancelPolicy, cancel_policy, follow
 from .errors import ConfigError, PocketBatchError
+from .jobs import OrderedWriter, RunItems, read_items
+from .journal import OPEN_STATES, journal
 from .plugins import DEFAULT_PLUGINS, distributions, load_errors, load_plugins, pm
+from .progress import progress, summary_table
 
 
 @click.group()
@@ -75,6 +87,175 @@ def plugins() -> None:
 
 
 @cli.command()
+@click.argument("input_file", metavar="IN.jsonl", type=click.File("r", encoding="utf-8"))
+@click.option(
+    "-o",
+    "--output",
+    "output_file",
+    metavar="OUT.jsonl",
+    required=True,
+    type=click.File("w", encoding="utf-8", lazy=True),
+    help="Where results go, one JSON line per input line ('-' for stdout).",
+)
+@click.option("--model", "-m", help="Model for lines that name none, as provider/model or an alias.")
+@click.option(
+    "--mode", type=click.Choice(MODES), help="How the calls run (default: POCKETBATCH_MODE, else auto)."
+)
+@click.option("--system", "-s", help="System prompt for lines that give none.")
+@click.option(
+    "--fresh", is_flag=True, help="Submit anew instead of reusing journaled batch jobs and results."
+)
+def run(input_file, output_file, model, mode, system, fresh) -> None:
+    """Run every prompt of IN.jsonl and write OUT.jsonl in the same order.
+
+    Each input line is a JSON string or an object {"id", "prompt", "model"?, "system"?, "max_tokens"?,
+    "temperature"?}. Exit 0 when every item succeeded, 1 when some failed, 2 on bad input or settings.
+    """
+    if fresh:
+        os.environ["POCKETBATCH_REUSE"] = "0"
+        config.reload()
+    items = read_items(input_file, model=model, system=system)
+    writer = OrderedWriter(output_file, items)
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    policy = CancelPolicy()
+    stopped = asyncio.run(_run(writer, mode, policy, interactive))
+    if stopped:
+        open_jobs = [j for j in (journal() or _NoJournal()).jobs() if j.state in OPEN_STATES]
+        if policy.action == "leave" and open_jobs:
+            ids = ", ".join(j.job_id for j in open_jobs)
+            click.echo(f"Left batch jobs running: {ids}. Run the same command again to resume;", err=True)
+            click.echo(f"  {shlex.join(['pocketbatch', *sys.argv[1:]])}", err=True)
+        sys.exit(130)
+    sys.exit(1 if writer.failed else 0)
+
+
+class _NoJournal:
+    def jobs(self):
+        return []
+
+
+async def _run(writer: OrderedWriter, mode: str | None, policy: CancelPolicy, interactive: bool) -> bool:
+    """Run the items; True when Ctrl-C stopped the run."""
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    stopped = False
+
+    def on_interrupt() -> None:
+        nonlocal stopped
+        if stopped:
+            return
+        stopped = True
+        if interactive:
+            answer = click.prompt(
+                "\nStop. Cancel the provider's batch jobs, or leave them running to resume later?",
+                type=click.Choice(["cancel", "leave"]),
+                default="leave",
+                err=True,
+            )
+            policy.action = answer
+        else:
+            policy.action = "leave"
+        main.cancel()
+
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    cancel_policy.set(policy)
+    console = Console(stderr=True)
+    with events.summarize() as summary, progress(console, len(writer.items)):
+        try:
+            await RunItems(writer, mode).run_async({})
+        except asyncio.CancelledError:
+            if not stopped:
+                raise
+    if not stopped:
+        console.print(summary_table(summary))
+    return stopped
+
+
+@cli.group()
+def batches() -> None:
+    """Batch jobs recorded in the journal (POCKETBATCH_JOURNAL)."""
+
+
+@batches.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def batches_list(as_json: bool) -> None:
+    """List journaled batch jobs, newest last."""
+    jobs = _journal().jobs()
+    if as_json:
+        click.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
+        return
+    table = Table("job", "provider/model", "requests", "state", "submitted")
+    for j in jobs:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.submitted_at))
+        table.add_row(j.job_id, f"{j.provider}/{j.model}", str(len(j.custom_ids)), j.state, when)
+    Console().print(table)
+
+
+@batches.command("show")
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def batches_show(job_id: str, as_json: bool) -> None:
+    """Show one job: the journal's record and the provider's current status."""
+    job = _job(job_id)
+    data = _job_dict(job)
+    status = asyncio.run(registry.get_provider(job.provider).batch.status(job_id))
+    data["provider_status"] = {"state": status.state, "counts": status.counts}
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    for key, value in data.items():
+        click.echo(f"{key}: {value}")
+
+
+@batches.command("cancel")
+@click.argument("job_id")
+def batches_cancel(job_id: str) -> None:
+    """Cancel a job at the provider (its finished lines stay available)."""
+    job = _job(job_id)
+    asyncio.run(registry.get_provider(job.provider).batch.cancel(job_id))
+    _journal().set_state(job_id, "cancelling")
+    click.echo(f"cancelling {job_id}")
+
+
+@batches.command("resume")
+@click.argument("job_id")
+def batches_resume(job_id: str) -> None:
+    """Wait for a job left running and keep its results in the journal for the next run to reuse."""
+    job = _job(job_id)
+    counts = asyncio.run(follow(job))
+    click.echo(f"{job_id}: {json.dumps(counts)}; run the same `pocketbatch run` again to write them out")
+
+
+def _journal():
+    store = journal()
+    if store is None:
+        raise ConfigError("the journal is off (POCKETBATCH_JOURNAL=off): no batch jobs are recorded")
+    return store
+
+
+def _job(job_id: str):
+    job = _journal().job(job_id)
+    if job is None:
+        raise ConfigError(f"no batch job {job_id!r} in the journal at {_journal().path}")
+    return job
+
+
+def _job_dict(job) -> dict:
+    return {
+        "job_id": job.job_id,
+        "provider": job.provider,
+        "model": job.model,
+        "requests": len(job.custom_ids),
+        "state": job.state,
+        "submitted_at": job.submitted_at,
+        "ended_at": job.ended_at,
+        "counts": job.counts,
+        "round": job.round,
+    }
+
+
+@cli.command()
 def demo() -> None:
     """Run the seed example (parallel summaries) on the offline provider; no key needed."""
     from .demo import run
@@ -84,6 +265,7 @@ def demo() -> None:
 
 def main() -> None:
     try:
+        config.reload()  # every setting checked up front: a bad value stops the command before any call
         code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)

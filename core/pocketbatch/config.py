@@ -11,8 +11,8 @@ from pathlib import Path
 import platformdirs
 
 from .errors import ConfigError
-from .flow import MODES
 
+MODES = ("auto", "concurrent", "batch")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _PER_PROVIDER = re.compile(r"POCKETBATCH_([A-Z0-9_]+?)_(RPM|TPM|MAX_CONCURRENCY)")
 

@@ -9,7 +9,8 @@ import warnings
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-MODES = ("auto", "concurrent", "batch")
+from .config import MODES
+from .engine.collector import Round, dispatch
 
 
 class BaseNode:
@@ -201,7 +202,7 @@ class AsyncParallelBatchNode(_Parallel, AsyncNode, BatchNode):
         def one(item: Any) -> Awaitable[Any]:
             return super(AsyncParallelBatchNode, copy.copy(self))._exec(item)
 
-        return await map_parallel(one, items or [], self.max_concurrency)
+        return await map_parallel(one, items or [], self.max_concurrency, self.mode)
 
 
 class AsyncFlow(Flow, AsyncNode):
@@ -250,18 +251,25 @@ class AsyncParallelBatchFlow(_Parallel, AsyncFlow, BatchFlow):
         def branch(bp: dict[str, Any]) -> Awaitable[Any]:
             return self._orch_async(shared, {**self.params, **bp})
 
-        await map_parallel(branch, pr, self.max_concurrency)
+        await map_parallel(branch, pr, self.max_concurrency, self.mode)
         return await self.post_async(shared, pr, None)
 
 
 async def map_parallel(
-    fn: Callable[[Any], Awaitable[Any]], items: Iterable[Any], limit: int | None = None
+    fn: Callable[[Any], Awaitable[Any]],
+    items: Iterable[Any],
+    limit: int | None = None,
+    mode: str | None = None,
 ) -> list[Any]:
     """fn over items, all at once (or `limit` at a time), results in input order.
 
-    The first failure cancels the items still running and waits for them before it propagates.
+    The items' LLM calls form rounds (engine/collector.py). The first failure cancels the items still
+    running and waits for them before it propagates.
     """
     items = list(items)
+    # Unbounded, every item starts at once, so all count as live from the start; bounded, an item waiting
+    # for a slot is not live, or the round would wait for it forever.
+    round_ = Round(0 if limit else len(items), mode, dispatch)
     results: list[Any] = [None] * len(items)
     running: set[asyncio.Task[Any]] = set()
     failures: list[BaseException] = []
@@ -286,7 +294,9 @@ async def map_parallel(
                 await asyncio.sleep(0)  # let items that finish at once free their memory
             if failures:
                 break
-            task = asyncio.create_task(fn(item))
+            if slots:
+                round_.admit()
+            task = asyncio.create_task(round_.run(index, fn(item)))
             running.add(task)
             task.add_done_callback(lambda t, i=index: finished(i, t))
         while running and not failures:

@@ -6,6 +6,7 @@ import asyncio
 import threading
 from typing import Any
 
+from .engine import collector, concurrent
 from .providers import LLMRequest, LLMResponse
 from .registry import resolve
 
@@ -37,13 +38,18 @@ async def call_llm_async(
     temperature: float | None = None,
     **options: Any,
 ) -> LLMResponse:
-    """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL."""
-    from .engine import concurrent
+    """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL.
 
+    Inside a parallel node the call joins its round, which goes concurrent or to the batch API as a whole.
+    """
     provider, request = build_request(
         prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature, **options
     )
-    return await concurrent.call(provider, request)
+    here = collector.current()
+    if here is None:
+        return await concurrent.call(provider, request)
+    round_, item = here
+    return await round_.call(item, provider, request)
 
 
 def call_llm(

@@ -105,11 +105,9 @@ def resolve(model: str | None = None) -> tuple[Provider, str]:
     elif settings().provider:
         provider, name = get_provider(settings().provider), model
     else:
-        known = ", ".join(f"{e.provider.name}/{m}" for e in registered.values() for m in e.provider.models)
         raise ConfigError(
-            f"unknown model {model!r}: write it as provider/model or set POCKETBATCH_PROVIDER; "
-            f"installed providers: {', '.join(sorted(registered))}"
-            + (f"; known models: {known}" if known else "")
+            f"unknown model {model!r}: write it as provider/model or set POCKETBATCH_PROVIDER; installed "
+            f"providers: {', '.join(sorted(registered))} (`pocketbatch providers` lists their models)"
         )
     if provider.models and not any(same_model(name, m) for m in provider.models):
         raise ConfigError(

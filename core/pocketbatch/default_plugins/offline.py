@@ -58,6 +58,8 @@ def reply(request: LLMRequest) -> tuple[str, Usage]:
 
 
 def _request_failure(request: LLMRequest) -> LLMError | None:
+    if request.max_tokens is not None and request.max_tokens < 1:
+        return RequestError(f"offline: max_tokens must be at least 1, not {request.max_tokens}", status=400)
     kind = request.options.get("offline_error")
     if kind == "request":
         return RequestError("offline: this request was marked to fail (offline_error='request')", status=400)
@@ -204,7 +206,7 @@ class OfflineBatch(BatchAPI):
                 outcome = "canceled"
             elif marked == "expired":
                 outcome = "expired"
-            elif marked in ("request", "transient") or roll < job["fail_rate"] / 2:
+            elif _request_failure(LLMRequest(**request)) or roll < job["fail_rate"] / 2:
                 outcome = "errored"
             elif roll < job["fail_rate"]:
                 outcome = "expired"

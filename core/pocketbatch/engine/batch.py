@@ -1,0 +1,322 @@
+"""The batch path: a round's calls to one model as provider batch jobs, with nothing lost on the way.
+
+Split over the provider's limits, submit, write each job to the journal before waiting, poll with growing
+intervals, map lines back by custom_id, and send what failed retryably, expired, was cancelled or never
+came back through the concurrent path. A job the provider rejects or fails runs concurrently, with a
+warning. A deadline cancels the job, keeps its partial results and finishes the rest concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+
+from .. import journal as journals
+from ..config import settings
+from ..errors import BatchError, LLMError
+from ..providers import LLMRequest, LLMResponse, Provider
+from . import concurrent, events
+from .collector import Call
+from .retry import with_retries
+
+log = logging.getLogger("pocketbatch")
+
+
+@dataclass
+class CancelPolicy:
+    """What cancelling the task that awaits a job does to it: "cancel" it at the provider, or "leave" it
+    running for a later run to re-attach to. The CLI sets its own and changes it when Ctrl-C comes."""
+
+    action: str = "cancel"
+
+
+cancel_policy: ContextVar[CancelPolicy | None] = ContextVar("pocketbatch_cancel_policy", default=None)
+
+MAX_POLL_INTERVAL = 60.0
+ENVELOPE_BYTES = 200  # custom_id, method, url and JSON punctuation around each request body
+
+
+def custom_ids(requests: list[LLMRequest]) -> list[str]:
+    """Ids from each request's content (the same round gets the same ids in any order), unique per round."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for request in requests:
+        digest = hashlib.sha256(_canonical(request).encode()).hexdigest()[:24]
+        ids.append(f"pb-{digest}-{seen[digest]}")
+        seen[digest] += 1
+    return ids
+
+
+def round_key(provider: Provider, model: str, ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps([provider.name, model, sorted(ids)]).encode()).hexdigest()[:32]
+
+
+def _canonical(request: LLMRequest) -> str:
+    return json.dumps(asdict(request), sort_keys=True, default=str)
+
+
+def chunks(provider: Provider, items: list[tuple[str, LLMRequest]]) -> list[list[tuple[str, LLMRequest]]]:
+    """Split over max_requests and max_bytes by an estimate with a margin; submit checks the exact size."""
+    api = provider.batch
+    assert api is not None
+    budget = api.max_bytes * 0.9
+    out: list[list[tuple[str, LLMRequest]]] = []
+    size = 0.0
+    for item in items:
+        estimate = len(_canonical(item[1])) + ENVELOPE_BYTES
+        if not out or len(out[-1]) >= api.max_requests or size + estimate > budget:
+            out.append([])
+            size = 0.0
+        out[-1].append(item)
+        size += estimate
+    return out
+
+
+class BatchRound:
+    """One group of calls (one provider, one model) on its way through batch jobs."""
+
+    def __init__(self, provider: Provider, model: str, calls: dict[str, Call], key: str) -> None:
+        self.provider, self.api, self.model = provider, provider.batch, model
+        self.calls, self.key = calls, key  # by custom_id
+        self.journal = journals.journal()
+        self.settings = settings()
+
+    @classmethod
+    def of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
+        model = calls[0].request.model
+        ids = custom_ids([c.request for c in calls])
+        return cls(provider, model, dict(zip(ids, calls, strict=True)), round_key(provider, model, ids))
+
+    async def run(self, reason: str) -> None:
+        reused, attached = self._from_journal()
+        notes = []
+        if reused:
+            notes.append(f"reusing {len(reused):,} results from the journal")
+        if attached:
+            notes.append(f"re-attaching to {', '.join(job.job_id for job in attached)}")
+        log.info("%s%s", reason, "; " + "; ".join(notes) if notes else "")
+        for cid, outcome in reused.items():
+            self._settle(cid, outcome, record=False)
+        taken = set(reused).union(*(job.custom_ids for job in attached))
+        fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
+        work = [self._follow(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
+        work += [self._submit(chunk) for chunk in chunks(self.provider, fresh)]
+        await asyncio.gather(*work)
+
+    def _from_journal(self):
+        if self.journal is None or not self.settings.reuse:
+            return {}, []
+        reused = {cid: o for cid, o in self.journal.outcomes(self.key).items() if cid in self.calls}
+        attached = [
+            job
+            for job in self.journal.jobs(self.key)
+            if job.state in (*journals.OPEN_STATES, "ended") and not set(job.custom_ids) <= set(reused)
+        ]
+        return reused, attached
+
+    async def _submit(self, chunk: list[tuple[str, LLMRequest]]) -> None:
+        assert self.api is not None
+
+        async def submit() -> str:
+            return await self.api.submit(chunk)
+
+        try:
+            job_id = await with_retries(submit)
+        except BatchError as e:
+            if e.status == 413 and len(chunk) > 1:  # over the provider's exact limit: halve and try again
+                half = len(chunk) // 2
+                await asyncio.gather(self._submit(chunk[:half]), self._submit(chunk[half:]))
+                return
+            log.warning(
+                "batch job of %d requests was rejected (%s); running them concurrently", len(chunk), e
+            )
+            await self._concurrently([cid for cid, _ in chunk])
+            return
+        except LLMError as e:
+            log.warning(
+                "could not submit a batch job of %d requests (%s); running them concurrently", len(chunk), e
+            )
+            await self._concurrently([cid for cid, _ in chunk])
+            return
+        ids = [cid for cid, _ in chunk]
+        if self.journal is not None:  # before any waiting: a crash from here on re-attaches, never re-submits
+            self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids)
+        log.info(
+            "submitted batch job %s with %d requests to %s/%s",
+            job_id,
+            len(ids),
+            self.provider.name,
+            self.model,
+        )
+        await self._follow(job_id, ids, time.time())
+
+    async def _follow(self, job_id: str, ids: list[str], submitted_at: float) -> None:
+        assert self.api is not None
+        retry: list[str] = []
+        try:
+            status = await self._wait_ended(job_id, submitted_at)
+            if status is None:  # the job failed at the provider: run its requests concurrently
+                retry = [cid for cid in ids if not self.calls[cid].future.done()]
+            else:
+                self._state(job_id, "ended", status.counts)
+                retry = await self._collect(job_id, ids)
+                self._state(job_id, "collected")
+        except asyncio.CancelledError:
+            policy = cancel_policy.get()
+            if policy is None or policy.action == "cancel":
+                await asyncio.shield(self._cancel(job_id))
+            raise
+        await self._concurrently(retry)
+
+    async def _wait_ended(self, job_id: str, submitted_at: float):
+        interval = self.settings.poll_interval or 1.0
+        deadline = self.settings.batch_deadline
+        cancelled = False
+        while True:
+            try:
+                status = await self.api.status(job_id)
+            except BatchError as e:
+                log.warning("batch job %s failed (%s); running its requests concurrently", job_id, e)
+                self._state(job_id, "failed")
+                return None
+            except LLMError as e:
+                if not e.retryable:
+                    raise
+                log.info("polling batch job %s failed (%s); polling again", job_id, e)  # never "lost"
+                status = None
+            if status is not None and status.state == "ended":
+                return status
+            left = None if deadline is None else submitted_at + deadline - time.time()
+            if left is not None and left <= 0 and not cancelled:
+                log.warning(
+                    "batch job %s passed POCKETBATCH_BATCH_DEADLINE=%gs: cancelling it, keeping its "
+                    "results and finishing the rest concurrently",
+                    job_id,
+                    deadline,
+                )
+                await self._cancel(job_id)
+                cancelled = True
+            pause = interval * random.uniform(1.0, 1.1)
+            await asyncio.sleep(pause if left is None or left <= 0 else min(pause, left))
+            interval = min(interval * 1.5, MAX_POLL_INTERVAL)
+
+    async def _collect(self, job_id: str, ids: list[str]) -> list[str]:
+        """Settle every line the job answered for good; return the ids to run again concurrently."""
+        assert self.api is not None
+        interval = self.settings.poll_interval or 1.0
+        while True:
+            try:
+                lines = {cid: outcome async for cid, outcome in self.api.results(job_id)}
+                break
+            except LLMError as e:
+                if not e.retryable:
+                    raise
+                log.info("reading the results of batch job %s failed (%s); trying again", job_id, e)
+                await asyncio.sleep(interval)
+                interval = min(interval * 1.5, MAX_POLL_INTERVAL)
+        final: dict[str, LLMResponse | BaseException] = {}
+        retry = []
+        for cid in ids:
+            outcome = lines.get(cid)
+            if isinstance(outcome, LLMResponse):
+                final[cid] = self._priced(outcome)
+            elif isinstance(outcome, LLMError) and not outcome.retryable:
+                final[cid] = outcome
+            else:  # errored retryably, expired, cancelled, or missing from the output
+                retry.append(cid)
+        if self.journal is not None:
+            self.journal.save_outcomes(self.key, final, job_id)
+        for cid, outcome in final.items():
+            self._settle(cid, outcome, record=False)
+        return retry
+
+    def _priced(self, response: LLMResponse) -> LLMResponse:
+        cost = response.cost_usd
+        if cost is None:
+            cost = self.provider.cost(response.model or self.model, response.usage, self.api.price_factor)
+        return response.replace(via="batch", cost_usd=cost, provider=response.provider or self.provider.name)
+
+    async def _concurrently(self, ids: list[str]) -> None:
+        async def one(cid: str) -> None:
+            call = self.calls[cid]
+            if call.future.done():
+                return
+            try:
+                outcome: LLMResponse | BaseException = await concurrent.call(self.provider, call.request)
+            except LLMError as e:
+                outcome = e
+            self._settle(cid, outcome, record=True)
+
+        await asyncio.gather(*(one(cid) for cid in ids))
+
+    def _settle(self, cid: str, outcome: LLMResponse | BaseException, *, record: bool) -> None:
+        if record and self.journal is not None:
+            self.journal.save_outcomes(self.key, {cid: outcome})
+        if not record:  # concurrent.call already told the listeners about its own calls
+            name, model = self.provider.name, self.model
+            events.emit(events.STARTED, name, model)
+            if isinstance(outcome, LLMResponse):
+                usage, cost = outcome.usage, outcome.cost_usd
+                events.emit(events.DONE, name, model, usage=usage, cost_usd=cost, via=outcome.via)
+            else:
+                events.emit(events.FAILED, name, model, error=outcome)
+        self.calls[cid].settle(outcome)
+
+    async def _cancel(self, job_id: str) -> None:
+        assert self.api is not None
+        try:
+            await self.api.cancel(job_id)
+            self._state(job_id, "cancelling")
+        except LLMError as e:
+            log.warning("could not cancel batch job %s: %s", job_id, e)
+
+    def _state(self, job_id: str, state: str, counts: dict[str, int] | None = None) -> None:
+        if self.journal is not None:
+            self.journal.set_state(job_id, state, counts)
+
+
+async def follow(job: journals.Job) -> dict[str, int]:
+    """Wait for a journaled job with no one awaiting its calls (`pocketbatch batches resume`), and keep
+    its final outcomes in the journal, where the next run of the same round finds them."""
+    from ..registry import get_provider
+
+    provider = get_provider(job.provider)
+    nobody = LLMRequest(messages=[], model=job.model)  # the journal keeps no prompts; none is needed here
+    calls = {cid: Call(provider, nobody, None) for cid in job.custom_ids}
+    batch_round = BatchRound(provider, job.model, calls, job.round)
+    status = await batch_round._wait_ended(job.job_id, job.submitted_at)
+    if status is None:
+        return {"failed": len(calls)}
+    batch_round._state(job.job_id, "ended", status.counts)
+    left = await batch_round._collect(job.job_id, job.custom_ids)
+    batch_round._state(job.job_id, "collected")
+    return {**status.counts, "to_rerun": len(left)}
+
+
+def in_journal(provider: Provider, calls: list[Call]) -> bool:
+    """True when the journal knows this round: it then goes back to its job whatever the choice says."""
+    store = journals.journal()
+    if provider.batch is None or store is None or not settings().reuse:
+        return False
+    key = round_key(provider, calls[0].request.model, custom_ids([c.request for c in calls]))
+    return bool(store.jobs(key))
+
+
+async def run(provider: Provider, calls: list[Call], reason: str) -> None:
+    """Every call ends settled: by a batch job, a concurrent retry, or with its own error."""
+    batch_round = BatchRound.of(provider, calls)
+    try:
+        await batch_round.run(reason)
+    except BaseException as e:
+        failure = e if isinstance(e, Exception) else asyncio.CancelledError()
+        for call in calls:  # nothing is left waiting forever, whatever went wrong
+            call.settle(failure)
+        if not isinstance(e, Exception):
+            raise

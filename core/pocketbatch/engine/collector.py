@@ -1,0 +1,179 @@
+"""Rounds of LLM calls inside parallel nodes and flows.
+
+Each item of a parallel node runs inside a Round. Its calls wait in the round until every live item is
+waiting on an answer or finished (the DataLoader rule); then the round's calls go out together, so that the
+strategy can see the whole round and send it to the batch API when that pays. A round nested in another
+(a parallel node inside a branch of a parallel flow) hands its calls up to the enclosing round as the calls
+of the item it runs in, so one round spans every branch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import settings
+from ..providers import LLMRequest, LLMResponse, Provider
+from .limits import limiter_for
+
+log = logging.getLogger("pocketbatch")
+
+# (round, item key) of the item the running task belongs to; None outside parallel nodes.
+_current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
+
+
+@dataclass(eq=False)
+class Call:
+    """One request waiting for its answer, and the rounds (with their item) that count it as outstanding."""
+
+    provider: Provider
+    request: LLMRequest
+    mode: str | None
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    owners: list[tuple[Round, int]] = field(default_factory=list)
+
+    def settle(self, outcome: LLMResponse | BaseException) -> None:
+        # Counts drop before any waiting item resumes, so the items of a finished batch job all count as
+        # running again at once, and their next calls gather into one round instead of one each.
+        for round_, key in self.owners:
+            round_.answered(key)
+        self.owners.clear()
+        if self.future.done():
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            self.future.cancel()
+        elif isinstance(outcome, BaseException):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+Dispatch = Callable[[list[Call]], None]
+
+
+class Round:
+    def __init__(self, live: int, mode: str | None, dispatch: Dispatch) -> None:
+        self.parent = _current.get()
+        self.mode = mode
+        self.live = live  # items started (or about to start at once) and not finished
+        self.outstanding: dict[int, int] = {}  # item key -> its calls not answered yet
+        self.pending: list[Call] = []
+        self.dispatch = dispatch
+
+    def admit(self) -> None:
+        self.live += 1
+
+    async def run(self, key: int, work: Awaitable[Any]) -> Any:
+        _current.set((self, key))  # the task's own context: siblings and the caller are untouched
+        try:
+            return await work
+        finally:
+            self.live -= 1
+            self.outstanding.pop(key, None)
+            self._flush_if_ready()
+
+    async def call(self, key: int, provider: Provider, request: LLMRequest) -> LLMResponse:
+        call = Call(provider, request, self.mode)
+        self.take(key, [call])
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.settle(asyncio.CancelledError())  # a cancelled item stops counting as waiting
+            raise
+
+    def take(self, key: int, calls: list[Call]) -> None:
+        """Count calls as the item's outstanding ones and hold them until the round is ready."""
+        self.outstanding[key] = self.outstanding.get(key, 0) + len(calls)
+        for call in calls:
+            call.owners.append((self, key))
+            if call.mode is None:
+                call.mode = self.mode
+        self.pending.extend(calls)
+        self._flush_if_ready()
+
+    def answered(self, key: int) -> None:
+        left = self.outstanding.get(key, 0) - 1
+        if left > 0:
+            self.outstanding[key] = left
+        else:
+            self.outstanding.pop(key, None)
+
+    def _flush_if_ready(self) -> None:
+        if not self.pending or len(self.outstanding) < self.live:
+            return
+        calls, self.pending = self.pending, []
+        if self.parent is not None:
+            parent, key = self.parent
+            parent.take(key, calls)
+        else:
+            self.dispatch(calls)
+
+
+def current() -> tuple[Round, int] | None:
+    return _current.get()
+
+
+def dispatch(calls: list[Call]) -> None:
+    """Send a flushed round on its way: one task per (provider, model, mode) group."""
+    groups: dict[tuple[str, str, str | None], list[Call]] = {}
+    for call in calls:
+        groups.setdefault((call.provider.name, call.request.model, call.mode), []).append(call)
+    for group in groups.values():
+        _cancel_with_calls(asyncio.ensure_future(_run_group(group)), group)
+
+
+async def _run_group(group: list[Call]) -> None:
+    try:
+        await _decide_and_run(group)
+    except Exception as e:  # a ConfigError before any call, or a bug: every item still gets its answer
+        for call in group:
+            call.settle(e)
+
+
+async def _decide_and_run(group: list[Call]) -> None:
+    from . import batch, concurrent, events, strategy  # they import this module
+
+    provider, requests = group[0].provider, [c.request for c in group]
+    limiter = limiter_for(provider, requests[0].model)
+    tokens = sum(limiter.estimate_tokens(r) for r in requests)
+    decision = strategy.choose(
+        requests,
+        provider,
+        settings(),
+        concurrent_seconds=limiter.seconds_for(len(group), tokens),
+        mode=group[0].mode,
+    )
+    events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
+    if decision.mode == "batch" or batch.in_journal(provider, group):
+        await batch.run(provider, group, decision.reason)
+        return
+    log.info("%s", decision.reason)
+
+    async def one(call: Call) -> None:
+        try:
+            call.settle(await concurrent.call(provider, call.request))
+        except Exception as e:
+            call.settle(e)
+
+    await asyncio.gather(*(_cancel_with_calls(asyncio.ensure_future(one(c)), [c]) for c in group))
+
+
+_running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
+
+
+def _cancel_with_calls(task: asyncio.Future, calls: list[Call]) -> asyncio.Future:
+    """Cancel the work when every call it answers was cancelled (the items awaiting it are gone)."""
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+
+    def on_call_done(_: asyncio.Future) -> None:
+        if all(c.future.cancelled() for c in calls) and not task.done():
+            task.cancel()
+
+    for call in calls:
+        call.future.add_done_callback(on_call_done)
+    return task

@@ -1,0 +1,88 @@
+"""The automatic choice: a round's calls to one model go concurrent or to the provider's batch API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Settings
+from ..providers import LLMRequest, Provider, Usage
+
+# What a reply is assumed to cost when the request sets no max_tokens: for the estimate only.
+TYPICAL_OUTPUT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class Decision:
+    mode: str  # "concurrent" | "batch"
+    reason: str
+    requests: int
+    concurrent_seconds: float  # the estimate under the current (configured or learned) limits
+    concurrent_cost: float | None  # USD, None where the model has no price
+    batch_cost: float | None
+
+
+def estimate_tokens(request: LLMRequest) -> tuple[int, int]:
+    """(input, output) tokens a request is expected to use: about 4 characters a token."""
+    chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
+    return chars // 4 + 1, request.max_tokens or TYPICAL_OUTPUT_TOKENS
+
+
+def choose(
+    group: list[LLMRequest],
+    provider: Provider,
+    settings: Settings,
+    *,
+    concurrent_seconds: float,
+    mode: str | None = None,
+) -> Decision:
+    """mode (the node's, else POCKETBATCH_MODE) "concurrent", "batch" or "auto"; the reason says why."""
+    mode = mode or settings.mode
+    n = len(group)
+    tokens = [estimate_tokens(r) for r in group]
+    inp, out = sum(t[0] for t in tokens), sum(t[1] for t in tokens)
+    model = group[0].model
+    full = _cost(provider, model, inp, out, 1.0)
+    half = _cost(provider, model, inp, out, provider.batch.price_factor) if provider.batch else None
+    head = f"{n:,} request{'s' if n != 1 else ''} to {provider.name}/{model}"
+    at = f"concurrent would take ~{_duration(concurrent_seconds)}" + (f" ({_usd(full)})" if full else "")
+
+    def decide(way: str, why: str) -> Decision:
+        return Decision(way, f"{head}; {why}", n, concurrent_seconds, full, half)
+
+    if mode == "concurrent":
+        return decide("concurrent", f"mode is concurrent; {at}")
+    if provider.batch is None:
+        if mode == "batch":
+            why = f"mode is batch but {provider.name} has no batch API: running concurrently"
+            return decide("concurrent", why)
+        return decide("concurrent", f"{provider.name} has no batch API; {at}")
+    saving = f"{1 - provider.batch.price_factor:.0%} cheaper" + (f" ({_usd(half)})" if half else "")
+    if mode == "batch":
+        return decide("batch", f"mode is batch; {at}; using the batch API, {saving}")
+    if n >= settings.batch_min_items:
+        why = f"at least POCKETBATCH_BATCH_MIN_ITEMS={settings.batch_min_items}"
+        return decide("batch", f"{at}; {why}: using the batch API, {saving}")
+    if concurrent_seconds >= settings.batch_min_seconds:
+        why = f"at least POCKETBATCH_BATCH_MIN_SECONDS={settings.batch_min_seconds:g}"
+        return decide("batch", f"{at}, {why}: using the batch API, {saving}")
+    return decide(
+        "concurrent",
+        f"{at}, under POCKETBATCH_BATCH_MIN_SECONDS={settings.batch_min_seconds:g} and fewer than "
+        f"POCKETBATCH_BATCH_MIN_ITEMS={settings.batch_min_items}: running concurrently",
+    )
+
+
+def _cost(provider: Provider, model: str, inp: int, out: int, factor: float) -> float | None:
+    return provider.cost(model, Usage(inp, out), factor)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _usd(amount: float | None) -> str:
+    return "?" if amount is None else f"~${amount:,.4f}" if amount < 1 else f"~${amount:,.2f}"

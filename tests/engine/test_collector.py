@@ -1,0 +1,191 @@
+"""Rounds: the calls of a parallel node's items go out together, concurrent or as batch jobs."""
+
+import asyncio
+import json
+
+import pytest
+
+from pocketbatch import AsyncFlow, AsyncNode, AsyncParallelBatchFlow, AsyncParallelBatchNode, call_llm_async
+from pocketbatch.default_plugins.offline import OfflineBatch, OfflineProvider
+from pocketbatch.testing import FakeProvider
+
+
+@pytest.fixture(autouse=True)
+def quick_batches(pocketbatch_env, monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "0.05")
+    pocketbatch_env(
+        POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_BATCH_MIN_ITEMS="10", POCKETBATCH_PROVIDER="offline"
+    )
+
+
+def jobs():
+    return [json.loads(p.read_text()) for p in OfflineBatch.folder().glob("*.json")]
+
+
+class Ask(AsyncParallelBatchNode):
+    async def prep_async(self, shared):
+        return shared["items"]
+
+    async def exec_async(self, item):
+        return await call_llm_async(f"say {item}", **shared_options(item))
+
+    async def post_async(self, shared, prep_res, exec_res):
+        shared["out"] = exec_res
+
+
+def shared_options(item):
+    return item.get("options", {}) if isinstance(item, dict) else {}
+
+
+async def run(node, items):
+    shared = {"items": items}
+    await AsyncFlow(start=node).run_async(shared)
+    return shared["out"]
+
+
+async def test_small_rounds_stay_concurrent():
+    out = await run(Ask(), list(range(5)))
+    assert [r.via for r in out] == ["concurrent"] * 5
+    assert [f"say {i}" in r for i, r in enumerate(out)] == [True] * 5
+    assert jobs() == []
+
+
+async def test_large_rounds_go_to_batch_in_input_order_split_over_the_limits(monkeypatch):
+    monkeypatch.setattr(OfflineBatch, "max_requests", 8)
+    out = await run(Ask(), list(range(30)))
+    assert all(r.via == "batch" for r in out)
+    assert [f"say {i} " in r + " " for i, r in enumerate(out)] == [True] * 30
+    assert sorted(len(j["lines"]) for j in jobs()) == [6, 8, 8, 8]
+    offline = OfflineProvider()
+    assert all(r.cost_usd == pytest.approx(offline.cost(r.model, r.usage) * 0.5) for r in out)  # batch price
+
+
+async def test_the_node_mode_wins_over_the_thresholds():
+    out = await run(Ask(mode="batch"), [1, 2])
+    assert [r.via for r in out] == ["batch", "batch"]
+    out = await run(Ask(mode="concurrent"), list(range(20)))
+    assert {r.via for r in out} == {"concurrent"}
+
+
+async def test_each_step_of_a_parallel_flows_branches_is_one_round():
+    class First(AsyncNode):
+        async def exec_async(self, _):
+            return await call_llm_async(f"first {self.params['n']}")
+
+        async def post_async(self, shared, p, e):
+            shared.setdefault("first", {})[self.params["n"]] = e
+
+    class Second(First):
+        async def exec_async(self, _):
+            await asyncio.sleep(0.001 * (self.params["n"] % 3))  # branches reach the call at different times
+            return await call_llm_async(f"second {self.params['n']}")
+
+        async def post_async(self, shared, p, e):
+            shared.setdefault("second", {})[self.params["n"]] = e
+
+    class Branches(AsyncParallelBatchFlow):
+        async def prep_async(self, shared):
+            return [{"n": n} for n in range(12)]
+
+    first = First()
+    first >> Second()
+    shared = {}
+    await Branches(start=first).run_async(shared)
+    assert {r.via for r in shared["first"].values()} == {"batch"}
+    assert {r.via for r in shared["second"].values()} == {"batch"}
+    assert sorted(len(j["lines"]) for j in jobs()) == [12, 12]
+
+
+async def test_a_parallel_node_inside_parallel_branches_joins_one_round():
+    class Inner(Ask):
+        async def prep_async(self, shared):
+            return [f"{self.params['b']}.{i}" for i in range(4)]
+
+        async def post_async(self, shared, prep_res, exec_res):
+            shared.setdefault("out", {})[self.params["b"]] = exec_res
+
+    class Outer(AsyncParallelBatchFlow):
+        async def prep_async(self, shared):
+            return [{"b": b} for b in range(5)]
+
+    shared = {}
+    await Outer(start=AsyncFlow(start=Inner())).run_async(shared)
+    assert [len(job["lines"]) for job in jobs()] == [20]  # 5 branches × 4 items, one job
+    assert "say 3.2" in shared["out"][3][2]
+
+
+async def test_mixed_providers_and_models_make_one_group_each(register_provider):
+    fake = register_provider(FakeProvider("fake", batch=True))
+
+    class Mixed(Ask):
+        async def exec_async(self, i):
+            model = ["offline/offline-small", "offline/offline-large", "fake/x"][i % 3]
+            return await call_llm_async(f"say {i}", model=model)
+
+    out = await run(Mixed(), list(range(45)))
+    assert [r.model for r in out[:3]] == ["offline-small", "offline-large", "x"]
+    assert {r.via for r in out} == {"batch"}
+    assert len(jobs()) == 2 and len(fake.batch.jobs) == 1
+    assert len(fake.requests) == 15  # nothing lost, nothing twice
+
+
+async def test_items_that_do_not_call_or_call_later_do_not_stall_the_round():
+    class Sometimes(Ask):
+        async def exec_async(self, i):
+            if i % 2:
+                return "no call"
+            await asyncio.sleep(0.001 * i)
+            return await call_llm_async(f"say {i}")
+
+    out = await run(Sometimes(), list(range(24)))
+    assert out[1] == "no call" and out[2].via == "batch"
+    assert [len(j["lines"]) for j in jobs()] == [12]
+
+
+async def test_failed_lines_retry_concurrently_and_final_errors_reach_the_node():
+    class WithFallback(Ask):
+        async def exec_fallback_async(self, item, exc):
+            return f"fallback: {type(exc).__name__}"
+
+    items = [{"options": {}} for _ in range(12)]
+    items[2] = {"options": {"offline_error": "expired"}}
+    items[5] = {"options": {"offline_error": "request"}}
+    out = await run(WithFallback(max_retries=2), items)
+    assert out[0].via == "batch"
+    assert out[5] == "fallback: RequestError"  # final: the node's retries and fallback apply
+    assert out[2].via == "concurrent"  # expired in the batch job, then answered by a concurrent call
+
+
+async def test_deadline_cancels_keeps_partial_results_and_finishes_concurrently(pocketbatch_env, monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "30")
+    pocketbatch_env(POCKETBATCH_BATCH_DEADLINE="0.05", POCKETBATCH_POLL_INTERVAL="0.01",
+                    POCKETBATCH_BATCH_MIN_ITEMS="10", POCKETBATCH_PROVIDER="offline")  # fmt: skip
+    out = await run(Ask(), list(range(12)))
+    assert len(out) == 12 and all(f"say {i}" in r for i, r in enumerate(out))
+    assert {r.via for r in out} == {"concurrent"}  # cancelled early: every line finished concurrently
+    assert jobs()[0]["cancelled"] is not None
+
+
+async def test_cancelling_the_run_cancels_the_job(monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "30")
+    task = asyncio.ensure_future(run(Ask(), list(range(12))))
+    while not jobs():
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.05)
+    assert jobs()[0]["cancelled"] is not None
+
+
+async def test_outside_parallel_nodes_calls_go_straight_to_the_concurrent_path():
+    class One(AsyncNode):
+        async def exec_async(self, _):
+            return await call_llm_async("hello")
+
+        async def post_async(self, shared, p, e):
+            shared["out"] = e
+
+    shared = {}
+    await AsyncFlow(start=One()).run_async(shared)
+    assert shared["out"].via == "concurrent"
