@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 export NO_MKDOCS_2_WARNING := 1
 
 demo: $(STAMP)
-	$(BIN)/python examples/parallel_summaries.py
+	$(BIN)/pocketbatch demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

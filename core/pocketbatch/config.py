@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,6 +71,8 @@ def settings() -> Settings:
             parse = _count if kind == "max_concurrency" else _rate
             provider_limits.setdefault(m.group(1).lower(), {})[kind] = parse(name, value)
     journal = env.get("POCKETBATCH_JOURNAL", "")
+    log = _choice(env, "POCKETBATCH_LOG", LOG_LEVELS, "warning")
+    configure_logging(log)
     return Settings(
         model=env.get("POCKETBATCH_MODEL") or None,
         provider=(env.get("POCKETBATCH_PROVIDER") or "").lower() or None,
@@ -94,8 +97,21 @@ def settings() -> Settings:
         if journal
         else default_journal(),
         reuse=_flag(env, "POCKETBATCH_REUSE", True),
-        log=_choice(env, "POCKETBATCH_LOG", LOG_LEVELS, "warning"),
+        log=log,
     )
+
+
+def configure_logging(level: str) -> None:
+    """POCKETBATCH_LOG: the level of the pocketbatch logger's stderr handler (when the program set up
+    no logging of its own; then its handlers get pocketbatch's records as usual)."""
+    logger = logging.getLogger("pocketbatch")
+    logger.setLevel(level.upper())
+    if logging.getLogger().handlers or any(getattr(h, "pocketbatch", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.pocketbatch = True
+    handler.setFormatter(logging.Formatter("pocketbatch: %(message)s"))
+    logger.addHandler(handler)
 
 
 def reload() -> Settings:

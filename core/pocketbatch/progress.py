@@ -48,9 +48,9 @@ def progress(console: Console, total: int) -> Iterator[None]:
         yield
 
 
-def summary_table(summary: events.Summary) -> Table:
+def summary_table(summary: events.Summary, title: str = "pocketbatch run") -> Table:
     table = Table("items", "ok", "failed", "via", "tokens in / out", "cost", "retries", "429s", "time",
-                  title="pocketbatch run")  # fmt: skip
+                  title=title)  # fmt: skip
     via = ", ".join(f"{n} {v}" for v, n in sorted(summary.via.items())) or "-"
     cost = "-" if summary.cost_usd is None else f"${summary.cost_usd:,.4f}"
     table.add_row(

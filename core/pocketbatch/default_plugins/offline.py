@@ -2,7 +2,8 @@
 
 Tuned by POCKETBATCH_OFFLINE_LATENCY (seconds per call), POCKETBATCH_OFFLINE_SERVER_RPM (the simulated
 server's limit; 0 for none), POCKETBATCH_OFFLINE_BATCH_SECONDS (how long a batch job runs),
-POCKETBATCH_OFFLINE_FAIL_RATE (the share of calls and batch lines that fail retryably) and
+POCKETBATCH_OFFLINE_FAIL_RATE (the share of calls and batch lines that fail retryably),
+POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS (how long reading a job's results takes) and
 POCKETBATCH_OFFLINE_DIR (where batch jobs live, so they outlive the process as a real server's do).
 A request's option `offline_error` ("request", "transient" or "expired") makes that one request fail.
 """
@@ -220,6 +221,7 @@ class OfflineBatch(BatchAPI):
         job = self._load(job_id)
         if time.time() < self._finished_at(job):
             raise RequestError(f"offline: batch job {job_id} has not ended yet", status=409)
+        await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS", 0))
         for item, outcome in self._outcomes(job):
             request = LLMRequest(**item["request"])
             if outcome == "succeeded":

@@ -16,7 +16,7 @@ import random
 import time
 from collections import Counter
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .. import journal as journals
 from ..config import settings
@@ -25,6 +25,7 @@ from ..providers import LLMRequest, LLMResponse, Provider
 from . import concurrent, events
 from .collector import Call
 from .retry import with_retries
+from .strategy import Decision
 
 log = logging.getLogger("pocketbatch")
 
@@ -94,14 +95,29 @@ class BatchRound:
         ids = custom_ids([c.request for c in calls])
         return cls(provider, model, dict(zip(ids, calls, strict=True)), round_key(provider, model, ids))
 
-    async def run(self, reason: str) -> None:
+    def known(self) -> bool:
+        """True when the journal has this round: it goes back to its jobs, whatever the choice says."""
+        if self.journal is None or not self.settings.reuse:
+            return False
+        return bool(self.journal.jobs(self.key)) or bool(self.journal.outcomes(self.key))
+
+    async def run(self, decision: Decision) -> None:
         reused, attached = self._from_journal()
         notes = []
+        if decision.mode != "batch":
+            notes.append("the journal has this round's batch jobs: going back to them, not paying twice")
         if reused:
             notes.append(f"reusing {len(reused):,} results from the journal")
         if attached:
             notes.append(f"re-attaching to {', '.join(job.job_id for job in attached)}")
-        log.info("%s%s", reason, "; " + "; ".join(notes) if notes else "")
+        reason = "; ".join([decision.reason, *notes])
+        events.emit(
+            events.DECIDED,
+            self.provider.name,
+            self.model,
+            decision=replace(decision, mode="batch", reason=reason),
+        )
+        log.info("%s", reason)
         for cid, outcome in reused.items():
             self._settle(cid, outcome, record=False)
         taken = set(reused).union(*(job.custom_ids for job in attached))
@@ -300,23 +316,13 @@ async def follow(job: journals.Job) -> dict[str, int]:
     return {**status.counts, "to_rerun": len(left)}
 
 
-def in_journal(provider: Provider, calls: list[Call]) -> bool:
-    """True when the journal knows this round: it then goes back to its job whatever the choice says."""
-    store = journals.journal()
-    if provider.batch is None or store is None or not settings().reuse:
-        return False
-    key = round_key(provider, calls[0].request.model, custom_ids([c.request for c in calls]))
-    return bool(store.jobs(key))
-
-
-async def run(provider: Provider, calls: list[Call], reason: str) -> None:
+async def run(batch_round: BatchRound, decision: Decision) -> None:
     """Every call ends settled: by a batch job, a concurrent retry, or with its own error."""
-    batch_round = BatchRound.of(provider, calls)
     try:
-        await batch_round.run(reason)
+        await batch_round.run(decision)
     except BaseException as e:
         failure = e if isinstance(e, Exception) else asyncio.CancelledError()
-        for call in calls:  # nothing is left waiting forever, whatever went wrong
+        for call in batch_round.calls.values():  # nothing is left waiting forever, whatever went wrong
             call.settle(failure)
         if not isinstance(e, Exception):
             raise

@@ -147,10 +147,11 @@ async def _decide_and_run(group: list[Call]) -> None:
         concurrent_seconds=limiter.seconds_for(len(group), tokens),
         mode=group[0].mode,
     )
-    events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
-    if decision.mode == "batch" or batch.in_journal(provider, group):
-        await batch.run(provider, group, decision.reason)
+    batch_round = batch.BatchRound.of(provider, group) if provider.batch else None
+    if batch_round and (decision.mode == "batch" or batch_round.known()):
+        await batch.run(batch_round, decision)
         return
+    events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
     log.info("%s", decision.reason)
 
     async def one(call: Call) -> None:

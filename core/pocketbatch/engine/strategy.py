@@ -44,7 +44,7 @@ def choose(
     full = _cost(provider, model, inp, out, 1.0)
     half = _cost(provider, model, inp, out, provider.batch.price_factor) if provider.batch else None
     head = f"{n:,} request{'s' if n != 1 else ''} to {provider.name}/{model}"
-    at = f"concurrent would take ~{_duration(concurrent_seconds)}" + (f" ({_usd(full)})" if full else "")
+    at = f"concurrent would take {_duration(concurrent_seconds)}" + (f" ({_usd(full)})" if full else "")
 
     def decide(way: str, why: str) -> Decision:
         return Decision(way, f"{head}; {why}", n, concurrent_seconds, full, half)
@@ -77,11 +77,13 @@ def _cost(provider: Provider, model: str, inp: int, out: int, factor: float) -> 
 
 
 def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 90:
-        return f"{seconds:.0f} s" if seconds >= 1 else f"{seconds:.1f} s"
+        return f"~{seconds:.0f} s"
     if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+        return f"~{seconds / 60:.1f} min"
+    return f"~{seconds / 3600:.1f} h"
 
 
 def _usd(amount: float | None) -> str:

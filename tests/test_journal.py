@@ -1,0 +1,197 @@
+"""Batch rounds are journaled: a re-run re-attaches to its job or reuses its results, never pays twice."""
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pocketbatch import AsyncFlow, AsyncParallelBatchNode, LLMResponse, RequestError, Usage, call_llm_async
+from pocketbatch.default_plugins.offline import OfflineBatch
+from pocketbatch.engine import events
+from pocketbatch.engine.batch import CancelPolicy, cancel_policy
+from pocketbatch.journal import Journal, decode, encode, journal
+
+BIN = Path(sys.executable).parent / "pocketbatch"
+
+
+@pytest.fixture(autouse=True)
+def batches(pocketbatch_env, monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "0.05")
+    pocketbatch_env(
+        POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_MODE="batch", POCKETBATCH_PROVIDER="offline"
+    )
+
+
+def jobs_submitted():
+    return len(list(OfflineBatch.folder().glob("*.json")))
+
+
+class Ask(AsyncParallelBatchNode):
+    async def prep_async(self, shared):
+        return shared["items"]
+
+    async def exec_async(self, item):
+        return await call_llm_async(f"say {item}")
+
+    async def post_async(self, shared, prep_res, exec_res):
+        shared["out"] = exec_res
+
+
+async def run(items):
+    shared = {"items": items}
+    with events.summarize() as summary:
+        await AsyncFlow(start=Ask()).run_async(shared)
+    return shared["out"], [d.reason for d in summary.decisions]
+
+
+def test_outcomes_round_trip_through_json():
+    r = LLMResponse("hi", usage=Usage(2, 3), model="m", provider="p", via="batch", cost_usd=0.1)
+    back = decode(json.loads(json.dumps(encode(r))))
+    assert (back, back.usage, back.via, back.cost_usd) == ("hi", Usage(2, 3), "batch", 0.1)
+    err = decode(encode(RequestError("bad", status=400)))
+    assert isinstance(err, RequestError) and err.status == 400 and not err.retryable
+
+
+def test_the_journal_keeps_no_prompts_and_no_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    asyncio.run(run(["a secret prompt"]))
+    dump = "\n".join(sqlite3.connect(journal().path).iterdump())
+    assert "say a secret prompt" not in dump.split("outcomes")[0]  # jobs hold hashes and ids only
+    assert "sk-secret-value" not in dump
+
+
+async def test_running_the_same_round_again_reuses_its_results():
+    first, _ = await run(list(range(5)))
+    again, reasons = await run(list(range(5)))
+    assert again == first and [r.via for r in again] == ["batch"] * 5
+    assert jobs_submitted() == 1
+    assert "reusing 5 results from the journal" in reasons[0]
+
+
+async def test_the_same_requests_in_another_order_are_the_same_round():
+    await run([1, 2, 3])
+    again, reasons = await run([3, 1, 2])
+    assert ["say 3" in again[0], "say 1" in again[1]] == [True, True]
+    assert jobs_submitted() == 1 and "reusing 3" in reasons[0]
+
+
+async def test_fresh_submits_anew(pocketbatch_env):
+    await run([1, 2])
+    pocketbatch_env(POCKETBATCH_REUSE="0", POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_MODE="batch",
+                    POCKETBATCH_PROVIDER="offline")  # fmt: skip
+    await run([1, 2])
+    assert jobs_submitted() == 2
+
+
+async def test_a_job_left_running_is_re_attached_not_resubmitted(monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "0.5")
+    cancel_policy.set(CancelPolicy("leave"))  # as the CLI does on Ctrl-C when asked to leave jobs running
+    task = asyncio.ensure_future(run(list(range(4))))
+    while jobs_submitted() == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancel_policy.set(None)
+    out, reasons = await run(list(range(4)))
+    assert [f"say {i}" in r for i, r in enumerate(out)] == [True] * 4
+    assert jobs_submitted() == 1 and "re-attaching to offline-batch-" in reasons[0]
+    assert [j.state for j in journal().jobs()] == ["collected"]
+
+
+async def test_even_a_concurrent_choice_goes_back_to_a_journaled_batch_round(pocketbatch_env):
+    await run([1, 2, 3])
+    pocketbatch_env(
+        POCKETBATCH_MODE="concurrent", POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_PROVIDER="offline"
+    )
+    again, reasons = await run([1, 2, 3])
+    assert {r.via for r in again} == {"batch"} and "not paying twice" in reasons[0]
+
+
+def test_jobs_are_listed_with_their_state(tmp_path):
+    store = Journal(tmp_path / "j.sqlite3")
+    store.add_job("job-1", "round-a", "offline", "m", ["a", "b"])
+    store.set_state("job-1", "ended", {"succeeded": 2})
+    [job] = store.jobs()
+    assert (job.job_id, job.state, job.counts, job.custom_ids) == (
+        "job-1",
+        "ended",
+        {"succeeded": 2},
+        ["a", "b"],
+    )
+
+
+# -- a real process, killed ------------------------------------------------------------------------
+
+
+def cli_env(tmp_path, **extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    env.update(
+        POCKETBATCH_JOURNAL=str(tmp_path / "journal.sqlite3"),
+        POCKETBATCH_OFFLINE_DIR=str(tmp_path / "offline"),
+        POCKETBATCH_OFFLINE_LATENCY="0",
+        POCKETBATCH_POLL_INTERVAL="0.05",
+        **extra,
+    )
+    return env
+
+
+def start_run(tmp_path, env):
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(f"prompt {i}") + "\n" for i in range(20)))
+    args = [str(BIN), "run", str(src), "-o", str(tmp_path / "out.jsonl"), "--mode", "batch"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, seconds=30):
+    end = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < end, "timed out waiting"
+        time.sleep(0.02)
+
+
+def job_states(tmp_path):
+    path = tmp_path / "journal.sqlite3"
+    if not path.exists():
+        return []
+    try:
+        return [row[0] for row in sqlite3.connect(path).execute("SELECT state FROM jobs")]
+    except sqlite3.OperationalError:  # the table is not there yet
+        return []
+
+
+def finish_and_check(tmp_path, env):
+    rerun = start_run(tmp_path, env)
+    _, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(1, 21))
+    assert all(f"prompt {r['id'] - 1}" in r["text"] and r["via"] == "batch" for r in rows)
+    assert len(list((tmp_path / "offline").glob("*.json"))) == 1  # one job submitted in all
+
+
+def test_killed_while_the_job_runs_the_rerun_re_attaches(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="2")
+    first = start_run(tmp_path, env)
+    wait_for(lambda: job_states(tmp_path) == ["running"])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finish_and_check(tmp_path, env)
+    assert job_states(tmp_path) == ["collected"]
+
+
+def test_killed_while_results_download_the_rerun_reads_them_again(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="0.2", POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS="3")
+    first = start_run(tmp_path, env)
+    wait_for(lambda: job_states(tmp_path) == ["ended"])  # ended at the provider, results not yet read
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    env["POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS"] = "0"
+    finish_and_check(tmp_path, env)
