@@ -1,20 +1,16 @@
-"""The seed example of PocketFlow's "(Advanced) Parallel" page, run by pocketbatch.
+"""The seed example of PocketFlow's "(Advanced) Parallel" page, unchanged but for the import line.
 
-Until the provider layer lands, `call_llm_async` here is a local stand-in that sleeps like an API call.
+Runs on the offline provider with no key; set OPENAI_API_KEY (or ANTHROPIC_API_KEY) to use a real one.
 """
 
 import asyncio
 
-from pocketbatch import AsyncFlow, AsyncParallelBatchNode
-
-
-async def call_llm_async(prompt: str) -> str:
-    await asyncio.sleep(0.05)
-    return f"summary of {prompt.removeprefix('Summarize: ')[:30]!r}"
+from pocketbatch import AsyncFlow, AsyncParallelBatchNode, call_llm_async
 
 
 class ParallelSummaries(AsyncParallelBatchNode):
     async def prep_async(self, shared):
+        # e.g., multiple texts
         return shared["texts"]
 
     async def exec_async(self, text):
@@ -26,11 +22,10 @@ class ParallelSummaries(AsyncParallelBatchNode):
         return "default"
 
 
-async def main() -> None:
-    shared = {"texts": [f"Text number {i} about pocket-sized batches." for i in range(10)]}
-    await AsyncFlow(start=ParallelSummaries()).run_async(shared)
-    print(shared["summary"])
-
+node = ParallelSummaries()
+flow = AsyncFlow(start=node)
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    shared = {"texts": [f"Text number {i} about pocket-sized batches." for i in range(10)]}
+    asyncio.run(flow.run_async(shared))
+    print(shared["summary"])
