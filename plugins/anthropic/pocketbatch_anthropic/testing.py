@@ -4,8 +4,7 @@ It answers the real `anthropic` SDK (which sends through httpx2/httpcore2) throu
 test runs unchanged and nothing reaches the network: a request the emulator does not know fails the test.
 Every body passes the SDK's strict validation (`_strict_response_validation=True`).
 
-    async def test_summaries(anthropic_emulator, monkeypatch):
-        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    async def test_summaries(anthropic_emulator):
         anthropic_emulator.fail_next(1, status=529)            # the next /v1/messages call is overloaded
         anthropic_emulator.results_for = {"item-3": "expired"}  # how batch lines end, by custom_id
         ...
@@ -15,6 +14,8 @@ Knobs (attributes, set them before the calls): `polls_until_ended`, `results_for
 `ratelimit_headers`, `limits`, `usage_extra`, `reply`. Faults: `fail_next(n, status=..., route=...)`.
 Records: `requests`, `calls`, `bodies(route)`, `batches`, `batches_created`.
 
+The fixture sets a test ANTHROPIC_API_KEY and removes ANTHROPIC_BASE_URL for the test. Outside pytest,
+`with AnthropicEmulator(base_url=...) as emulator:` (or `emulate_anthropic()`) does the same mounting.
 respx and pytest-httpx2 (the `testing` extra) are imported only when an emulator starts.
 """
 
@@ -157,6 +158,17 @@ class AnthropicEmulator:
         self._random = random.Random(seed)
         self._used = Counter[str]()
         self._ids = Counter[str]()
+
+    def __enter__(self) -> AnthropicEmulator:
+        """Mount the emulator with respx until the block ends (the fixture does this for one test)."""
+        import respx
+
+        self._mock = respx.mock(using=_mocker(), assert_all_called=False, assert_all_mocked=True)
+        self.install(self._mock.__enter__())
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._mock.__exit__(*exc_info)
 
     # --- the test's side ------------------------------------------------------------------------------
 
@@ -494,21 +506,23 @@ def _mocker() -> str:
 
 @contextmanager
 def emulate_anthropic(base_url: str | None = None, *, seed: int = 0) -> Iterator[AnthropicEmulator]:
-    """An AnthropicEmulator mounted for the duration of the block (the fixture, usable outside pytest).
+    """An AnthropicEmulator mounted for the duration of the block, for use outside the fixture.
 
     base_url defaults to ANTHROPIC_BASE_URL, else https://api.anthropic.com. Requests to anything else
     raise respx's AllMockedAssertionError, so nothing reaches the network.
     """
-    import respx
-
-    emulator = AnthropicEmulator(base_url, seed=seed)
-    with respx.mock(using=_mocker(), assert_all_called=False, assert_all_mocked=True) as router:
-        emulator.install(router)
+    with AnthropicEmulator(base_url, seed=seed) as emulator:
         yield emulator
 
 
 @pytest.fixture
-def anthropic_emulator() -> Iterator[AnthropicEmulator]:
-    """The Anthropic API, emulated for the official SDK for one test (see AnthropicEmulator)."""
-    with emulate_anthropic() as emulator:
+def anthropic_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[AnthropicEmulator]:
+    """The Anthropic API, emulated for the official SDK for one test (see AnthropicEmulator).
+
+    It sets a test ANTHROPIC_API_KEY and removes ANTHROPIC_BASE_URL for the test, so the code under test
+    talks to the emulator at https://api.anthropic.com whatever the developer's shell says.
+    """
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-emulator")
+    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+    with AnthropicEmulator(DEFAULT_BASE_URL) as emulator:
         yield emulator

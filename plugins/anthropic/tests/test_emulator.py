@@ -172,3 +172,29 @@ def test_emulate_anthropic_outside_pytest_fixtures(client):
         )
         assert proxied.messages.create(**params("via proxy")).content[0].text == "reply to: via proxy"
     assert emulator.requests[0].url == "https://proxy.example/v1/messages"
+
+
+def test_the_emulator_class_is_a_context_manager():
+    with AnthropicEmulator("https://gateway.example/anthropic") as emulator:
+        proxied = anthropic.Anthropic(
+            api_key="k", base_url="https://gateway.example/anthropic", max_retries=0
+        )
+        assert proxied.messages.create(**params()).content[0].text == "reply to: hi"
+    assert emulator.calls == {"messages": 1}
+
+
+@pytest.fixture
+def shell_env(monkeypatch):
+    """A developer shell with a real-looking key and a proxy, set before the emulator fixture runs."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-real-key")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "https://corporate-proxy.example")
+
+
+def test_the_fixture_sets_a_test_key_and_drops_the_base_url(shell_env, anthropic_emulator):
+    import os
+
+    assert os.environ["ANTHROPIC_API_KEY"] == "sk-ant-emulator"
+    assert "ANTHROPIC_BASE_URL" not in os.environ
+    assert anthropic_emulator.base_url == "https://api.anthropic.com"
+    anthropic.Anthropic(max_retries=0).messages.create(**params())
+    assert anthropic_emulator.calls["messages"] == 1

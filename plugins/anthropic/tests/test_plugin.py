@@ -30,23 +30,6 @@ def test_the_hook_registers_one_provider_with_bare_model_aliases():
     assert hasattr(pocketbatch_anthropic.register_providers, "pocketbatch_impl")
 
 
-@pytest.fixture
-def registry():
-    """The core's registry with this plugin registered, whether or not entry points were loaded."""
-    from pocketbatch import registry
-    from pocketbatch.plugins import load_plugins, pm
-
-    load_plugins()
-    added = not pm.is_registered(pocketbatch_anthropic)
-    if added:
-        pm.register(pocketbatch_anthropic, name="test-pocketbatch-anthropic")
-    registry.reset()
-    yield registry
-    if added:
-        pm.unregister(name="test-pocketbatch-anthropic")
-    registry.reset()
-
-
 @pytest.mark.parametrize(
     ("model", "name"),
     [
