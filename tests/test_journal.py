@@ -195,3 +195,49 @@ def test_killed_while_results_download_the_rerun_reads_them_again(tmp_path):
     first.wait()
     env["POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS"] = "0"
     finish_and_check(tmp_path, env)
+
+
+def test_ctrl_c_without_a_terminal_leaves_jobs_running_and_says_how_to_resume(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="2")
+    first = start_run(tmp_path, env)
+    wait_for(lambda: job_states(tmp_path) == ["running"])
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=30)
+    assert first.returncode == 130
+    assert "Left batch jobs running: offline-batch-" in err and "pocketbatch run" in err
+    assert "Traceback" not in err
+    [job] = list((tmp_path / "offline").glob("*.json"))
+    assert json.loads(job.read_text())["cancelled"] is None  # left running at the provider
+    finish_and_check(tmp_path, env)
+
+
+def test_batches_commands_over_the_journal(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="30")
+    first = start_run(tmp_path, env)
+    wait_for(lambda: job_states(tmp_path) == ["running"])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    def cli(*args):
+        done = subprocess.run(
+            [str(BIN), "batches", *args], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    [listed] = json.loads(cli("list", "--json"))
+    assert (listed["provider"], listed["requests"], listed["state"]) == ("offline", 20, "running")
+    shown = json.loads(cli("show", listed["job_id"], "--json"))
+    assert shown["provider_status"] == {"state": "running", "counts": {"processing": 20}}
+    assert "cancelling" in cli("cancel", listed["job_id"])
+    resumed = cli("resume", listed["job_id"])
+    counts = json.loads(resumed.split(": ", 1)[1].split("; ")[0])
+    assert counts["canceled"] + counts.get("succeeded", 0) == 20 and counts["to_rerun"] == counts["canceled"]
+    assert json.loads(cli("list", "--json"))[0]["state"] == "collected"
+    assert listed["job_id"] in cli("list")  # the table
+
+
+def test_batches_show_unknown_job_is_exit_2(tmp_path):
+    env = cli_env(tmp_path)
+    done = subprocess.run([str(BIN), "batches", "show", "nope"], env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "no batch job 'nope' in the journal" in done.stderr

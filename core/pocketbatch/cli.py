@@ -14,7 +14,7 @@ from importlib import metadata
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from . import config, registry
 from .config import MODES
@@ -185,7 +185,8 @@ def batches_list(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps([_job_dict(j) for j in jobs], indent=2))
         return
-    table = Table("job", "provider/model", "requests", "state", "submitted")
+    table = Table("provider/model", "requests", "state", "submitted")
+    table.columns.insert(0, Column("job", no_wrap=True))  # ids are what people copy
     for j in jobs:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.submitted_at))
         table.add_row(j.job_id, f"{j.provider}/{j.model}", str(len(j.custom_ids)), j.state, when)
