@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import os
+import threading
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -103,25 +104,28 @@ class AnthropicProvider(Provider):
         self._clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[tuple[str | None, str | None], AsyncAnthropic]
         ] = weakref.WeakKeyDictionary()
+        # The sync call_llm runs its own loop in another thread, so two threads may build clients at once.
+        self._clients_lock = threading.Lock()
 
     def client(self) -> AsyncAnthropic:
         """The SDK client for the running event loop, key and base URL (ConfigError without a key)."""
         key = self.api_key()
         base_url = os.environ.get("ANTHROPIC_BASE_URL", "").strip() or None
         loop = asyncio.get_running_loop()
-        per_loop = self._clients.get(loop)
-        if per_loop is None:
-            # A closed loop can outlive asyncio.run while something still references it; its clients
-            # are useless, so drop them rather than keep their connections around.
-            for old in [old for old in self._clients if old.is_closed()]:
-                del self._clients[old]
-            per_loop = self._clients[loop] = {}
-        client = per_loop.get((key, base_url))
-        if client is None:
-            import anthropic
+        with self._clients_lock:
+            per_loop = self._clients.get(loop)
+            if per_loop is None:
+                # A closed loop can outlive asyncio.run while something still references it; its
+                # clients are useless, so drop them rather than keep their connections around.
+                for old in [old for old in self._clients if old.is_closed()]:
+                    del self._clients[old]
+                per_loop = self._clients[loop] = {}
+            client = per_loop.get((key, base_url))
+            if client is None:
+                import anthropic
 
-            options = {"base_url": base_url, **self.client_options, "api_key": key, "max_retries": 0}
-            client = per_loop[(key, base_url)] = anthropic.AsyncAnthropic(**options)
+                options = {"base_url": base_url, **self.client_options, "api_key": key, "max_retries": 0}
+                client = per_loop[(key, base_url)] = anthropic.AsyncAnthropic(**options)
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:

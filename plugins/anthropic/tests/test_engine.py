@@ -2,7 +2,14 @@
 
 import pytest
 
-from pocketbatch import AsyncFlow, AsyncParallelBatchNode, RequestError, call_llm_async
+from pocketbatch import (
+    AsyncFlow,
+    AsyncParallelBatchNode,
+    RequestError,
+    call_llm,
+    call_llm_async,
+    get_provider,
+)
 
 MODEL = "anthropic/claude-haiku-4-5"
 
@@ -26,6 +33,13 @@ async def test_the_engine_does_not_retry_a_bad_request(anthropic_emulator):
     with pytest.raises(RequestError, match="prompt is too long"):
         await call_llm_async("hi", model=MODEL)
     assert anthropic_emulator.calls["messages"] == 1
+
+
+def test_sync_call_llm_gets_a_client_of_its_own_loop(anthropic_emulator):
+    assert call_llm("hello", model=MODEL, max_tokens=20) == "reply to: hello"
+    assert anthropic_emulator.bodies("messages")[0]["max_tokens"] == 20
+    loops = list(get_provider("anthropic")._clients)
+    assert len(loops) == 1 and loops[0].is_running(), "the client lives on call_llm's own running loop"
 
 
 class Summarise(AsyncParallelBatchNode):
