@@ -241,3 +241,26 @@ def test_batches_show_unknown_job_is_exit_2(tmp_path):
     env = cli_env(tmp_path)
     done = subprocess.run([str(BIN), "batches", "show", "nope"], env=env, capture_output=True, text=True)
     assert done.returncode == 2 and "no batch job 'nope' in the journal" in done.stderr
+
+
+def test_ctrl_c_on_a_terminal_asks_and_can_cancel_the_jobs(tmp_path):
+    import pty
+
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="30", TERM="dumb")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(f"prompt {i}") + "\n" for i in range(20)))
+    leader, follower = pty.openpty()
+    args = [str(BIN), "run", str(src), "-o", str(tmp_path / "out.jsonl"), "--mode", "batch"]
+    proc = subprocess.Popen(args, env=env, stdin=follower, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    wait_for(lambda: job_states(tmp_path) == ["running"])
+    proc.send_signal(signal.SIGINT)  # Ctrl-C (the pty is not its controlling terminal, so no ^C byte)
+
+    screen = b""
+    while b"leave" not in screen:
+        screen += os.read(leader, 1024)
+    os.write(leader, b"cancel\n")
+    assert proc.wait(timeout=30) == 130
+    os.close(leader)
+    [job] = list((tmp_path / "offline").glob("*.json"))
+    assert json.loads(job.read_text())["cancelled"] is not None  # cancelled at the provider, as asked
