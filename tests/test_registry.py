@@ -61,3 +61,14 @@ def test_default_is_the_provider_whose_key_is_set(register_provider, monkeypatch
 def test_model_setting_is_used(pocketbatch_env):
     pocketbatch_env(POCKETBATCH_MODEL="offline/offline-large")
     assert resolve(None)[1] == "offline-large"
+
+
+def test_a_provider_decides_which_names_it_serves(register_provider):
+    class Prefixed(FakeProvider):
+        def accepts(self, model):
+            return model.startswith("acme-")
+
+    fake = register_provider(Prefixed("acme", models=("acme-1",)))
+    assert resolve("acme/acme-anything") == (fake, "acme-anything")
+    with pytest.raises(ConfigError, match="unknown model 'other'"):
+        resolve("acme/other")

@@ -171,6 +171,11 @@ class Provider:
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
         raise NotImplementedError
 
+    def accepts(self, model: str) -> bool:
+        """Whether the provider serves this model name: any name when `models` is empty, else a listed
+        model or a dated snapshot of one. Override it for other rules (a prefix, a server's own list)."""
+        return not self.models or any(same_model(model, m) for m in self.models)
+
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
         matches = [k for k in self.prices if same_model(model, k)]

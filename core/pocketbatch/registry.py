@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .config import settings
 from .errors import ConfigError
 from .plugins import load_plugins, pm, trace
-from .providers import Provider, same_model
+from .providers import Provider
 
 
 @dataclass
@@ -109,7 +109,7 @@ def resolve(model: str | None = None) -> tuple[Provider, str]:
             f"unknown model {model!r}: write it as provider/model or set POCKETBATCH_PROVIDER; installed "
             f"providers: {', '.join(sorted(registered))} (`pocketbatch providers` lists their models)"
         )
-    if provider.models and not any(same_model(name, m) for m in provider.models):
+    if not provider.accepts(name):
         raise ConfigError(
             f"unknown model {name!r} for provider {provider.name}; its models: {', '.join(provider.models)}"
         )
