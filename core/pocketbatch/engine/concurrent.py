@@ -1,0 +1,148 @@
+"""The concurrent path: `call` sends one request under the limiter, retries and a timeout; `run_all`
+sends many through a bounded worker pool and returns each item's response or its own error, in order."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Iterable, Sequence
+from typing import TypeVar
+
+from tenacity import RetryCallState
+
+from ..config import settings
+from ..errors import ConfigError, LLMError, RateLimitError, TransientError
+from ..providers import LLMRequest, LLMResponse, Provider
+from . import events
+from .limits import limiter_for
+from .retry import RetryPolicy, with_retries
+
+T = TypeVar("T")
+
+# Workers of run_all when the caller gives no number. The limiter's concurrency cap and rate buckets
+# decide how many calls are in flight; workers only bound the tasks and memory (a 100-worker pool is
+# ~4× faster and ~20× smaller than one task per item for 100,000 items). 256 covers a few thousand RPM
+# at a few seconds of latency per call (Little's law: in flight = rate × latency).
+DEFAULT_WORKERS = 256
+
+
+async def _with_timeout(aw: Awaitable[T], seconds: float) -> T:
+    try:
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(seconds):  # no extra task, unlike wait_for on 3.11
+                return await aw
+        return await asyncio.wait_for(aw, seconds)
+    except (TimeoutError, asyncio.TimeoutError) as exc:  # the same class from 3.11; distinct on 3.10
+        raise TransientError(f"timed out after {seconds:g}s") from exc
+
+
+async def call(
+    provider: Provider,
+    request: LLMRequest,
+    *,
+    item: int | None = None,
+    policy: RetryPolicy | None = None,
+) -> LLMResponse:
+    """Send one request: limiter acquired inside each attempt, retryable errors retried, each attempt
+    bounded by POCKETBATCH_TIMEOUT; cost_usd filled from the provider's prices when it left it None.
+
+    Raises the final LLMError (never tenacity's RetryError), or ConfigError before any call.
+    """
+    limiter = limiter_for(provider, request.model)  # a missing key is a ConfigError here, before any call
+    timeout = settings().timeout
+    name, model = provider.name, request.model
+    attempts = 0
+    events.emit(events.STARTED, name, model, item=item)
+
+    async def attempt() -> LLMResponse:
+        nonlocal attempts
+        attempts += 1
+        ticket = await limiter.acquire(request)
+        try:
+            response = await _with_timeout(provider.call_llm_async(request), timeout)
+        except LLMError as err:
+            limiter.on_error(err, ticket)
+            if isinstance(err, RateLimitError) or err.status == 429:
+                events.emit(events.RATE_LIMITED, name, model, item=item, attempt=attempts, error=err)
+            raise
+        finally:
+            limiter.release(ticket)
+        limiter.on_response(response, ticket)
+        return response
+
+    def before_sleep(state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome else None
+        events.emit(
+            events.RETRIED, name, model, item=item, attempt=attempts, error=err, wait=state.upcoming_sleep
+        )
+
+    try:
+        response = await with_retries(attempt, policy, before_sleep=before_sleep)
+    except Exception as err:
+        events.emit(events.FAILED, name, model, item=item, attempt=attempts, error=err)
+        raise
+    if response.cost_usd is None:
+        cost = provider.cost(response.model or request.model, response.usage)
+        if cost is not None:
+            response = response.replace(cost_usd=cost)
+    events.emit(
+        events.DONE,
+        name,
+        model,
+        item=item,
+        attempt=attempts,
+        usage=response.usage,
+        cost_usd=response.cost_usd,
+        via=response.via,
+    )
+    return response
+
+
+def _as_llm_error(exc: Exception) -> LLMError:
+    """An unexpected exception from a provider, kept as this item's error so the others go on."""
+    err = LLMError(f"{type(exc).__name__}: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+async def run_all(
+    provider: Provider,
+    requests: Iterable[LLMRequest],
+    *,
+    workers: int | None = None,
+    policy: RetryPolicy | None = None,
+) -> list[LLMResponse | LLMError]:
+    """Send every request through a pool of `workers` tasks; results in input order, each a response or
+    that item's own LLMError. A ConfigError (no key, unknown model) stops the run and is raised;
+    cancelling the caller cancels the calls in flight."""
+    items: Sequence[LLMRequest] = requests if isinstance(requests, Sequence) else list(requests)
+    if not items:
+        return []
+    for model in {r.model for r in items}:
+        limiter_for(provider, model)  # a ConfigError now, before any call is paid for
+    results: list[LLMResponse | LLMError | None] = [None] * len(items)
+    todo = iter(enumerate(items))  # shared by the workers: each takes the next item when free
+
+    async def worker() -> None:
+        for i, request in todo:
+            try:
+                results[i] = await call(provider, request, item=i, policy=policy)
+            except LLMError as err:
+                results[i] = err
+            except ConfigError:
+                raise
+            except Exception as exc:
+                results[i] = _as_llm_error(exc)
+
+    n = max(1, min(len(items), workers or DEFAULT_WORKERS))
+    tasks = [asyncio.ensure_future(worker()) for _ in range(n)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # The caller was cancelled or a ConfigError ended the run: stop the rest and wait for them, so
+        # no call is left running (and billing) after run_all has returned.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return results  # type: ignore[return-value]  # every slot was filled by a worker

@@ -1,0 +1,516 @@
+"""Rate limits per (provider, model, key): RPM and TPM buckets, a concurrency cap, a shared pause after
+a 429, and limits that learn themselves where the user configured none.
+
+A `Limiter` lives for the process in a registry (`limiter_for`), so every round of calls shares what was
+learned. Its buckets and semaphore are asyncio objects bound to one event loop, so each loop gets its own
+(the sync `call_llm` runs a fresh loop per call); the learned rates are plain numbers shared by all.
+
+How a limit moves (one `_Rate` per dimension, in units per second):
+- configured by the user (env): a ceiling; the rate starts there and never passes it; headers are not
+  used to change it. `0` means unlimited and is never touched.
+- not configured: the rate starts at the provider's default (unlimited when that is 0) and is learned:
+  from the limit the provider reports (`RateLimits`), else from 429s: slow start (doubling each round
+  while callers queue on the bucket), then on a 429 a multiplicative decrease, and additive increase:
+  quick back to just under the rate where the 429 came, then a slow probe past it.
+- a 429 decreases the rate in every case but "unlimited", so the engine slows below any ceiling too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from functools import lru_cache
+
+from aiolimiter import AsyncLimiter
+
+from ..config import Limits, settings
+from ..errors import LLMError, RateLimitError
+from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
+
+INF = math.inf
+
+# Requests a bucket lets out at once. A whole minute's quota at t=0 is a 429 storm; a burst of 1 loses
+# ~4 % to timer lateness. k=4 at 90 % of a loopback server's rate gave 0 × 429 (notes §5).
+BURST = 4
+# At high rates a burst of 4 is under a millisecond and timer lateness would cap throughput: allow at
+# least this many seconds' worth.
+BURST_SECONDS = 0.01
+# The token bucket holds this many seconds of tokens; a larger request pays in several acquires.
+TPM_BURST_SECONDS = 1.0
+
+# Learning. A "round" is the time of ROUND_REQUESTS at the current rate, kept within ROUND_SECONDS, so
+# slow and fast limits converge in a similar number of requests and in bounded time.
+ROUND_REQUESTS = 32
+ROUND_SECONDS = (0.05, 0.5)
+DECREASE = 0.85  # multiplicative decrease on a 429
+RECOVER_TO = 0.95  # quick additive recovery up to this fraction of the rate that drew the 429 ...
+RECOVER_STEP = 0.05  # ... at this fraction of that rate per round,
+PROBE_STEP = 0.005  # then a slow probe beyond it, per round, ...
+PROBE_DOUBLING = 8  # ... whose step doubles every this many rounds without a 429 (the limit may have
+#                     moved, or the first guess was far too low: growth turns exponential again)
+HEADER_MARGIN = 0.98  # a reported limit is used at this fraction: clock skew, requests of other processes
+DEFAULT_PAUSE = 0.5  # pause after a 429 that gave no Retry-After (the SDKs' first backoff)
+# A Retry-After is the earliest moment the server has room for one request: resume a little after it,
+# or timer and clock rounding make the first request back another 429.
+PAUSE_MARGIN = (0.02, 0.002)  # (fraction, seconds) added to every pause
+MAX_PAUSE = 120.0  # the longest shared pause (the OpenAI SDK also refuses Retry-After above 120 s)
+
+# Token estimates: ~4 characters a token, and when max_tokens is unset an output guess that is then
+# learned from usage (OpenAI counts max_tokens against TPM up front, so when it is set it is the count).
+CHARS_PER_TOKEN = 4
+DEFAULT_OUTPUT_TOKENS = 256
+_EMA = 0.1
+
+
+@dataclass(frozen=True)
+class LimiterKey:
+    provider: str
+    model: str
+    key: str  # a fingerprint of the API key, never the key itself ("" for keyless providers)
+
+
+@lru_cache(maxsize=64)
+def key_fingerprint(api_key: str | None) -> str:
+    """A short hash telling keys apart without keeping them."""
+    if not api_key:
+        return ""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """What one acquire took, handed back with the outcome so the limiter can learn from it."""
+
+    sent_at: float  # time.monotonic() when the request was let through
+    tokens: int  # the token estimate (taken from the TPM bucket when there is one)
+    chars: int  # characters of the prompt, to reconcile the estimate with reported usage
+    output_guess: bool  # the estimate guessed the output (max_tokens was unset)
+    semaphore: asyncio.Semaphore | None
+
+
+class _Rate:
+    """One limit (requests or tokens per second) and how it moves; pure arithmetic, no asyncio."""
+
+    __slots__ = (
+        "anchor",
+        "cap",
+        "decreased_at",
+        "grown_at",
+        "learn",
+        "probing",
+        "queued",
+        "rate",
+        "slow_start",
+    )
+
+    def __init__(self, configured: float | None, default: float, now: float) -> None:
+        self.learn = configured is None
+        if configured is not None:
+            self.cap = configured / 60 if configured > 0 else INF
+            self.rate = self.cap
+            self.slow_start = False
+        else:
+            self.cap = INF
+            self.rate = default / 60 if default > 0 else INF
+            self.slow_start = True
+        self.anchor = INF  # the rate that drew the last 429
+        self.decreased_at = -INF
+        self.grown_at = now
+        self.queued = False  # a caller waited on this bucket since the last growth step
+        self.probing = 0.0  # rounds spent probing past the anchor since the last decrease
+
+    @property
+    def fixed_unlimited(self) -> bool:
+        return not self.learn and self.cap == INF
+
+    def round_seconds(self) -> float:
+        lo, hi = ROUND_SECONDS
+        return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
+
+    def grow(self, now: float) -> bool:
+        """Raise the rate when callers have been queueing on it; True when it changed."""
+        dt = now - self.grown_at
+        rnd = self.round_seconds()
+        if dt < rnd / 4:
+            return False
+        queued, self.queued, self.grown_at = self.queued, False, now
+        if not queued or self.rate >= self.cap:
+            return False
+        rounds = min(dt, 4 * rnd) / rnd  # idle stretches do not count as evidence
+        anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
+        if self.slow_start:
+            rate = self.rate * 2**rounds
+        elif self.rate < RECOVER_TO * anchor:
+            rate = min(RECOVER_TO * anchor, self.rate + RECOVER_STEP * anchor * rounds)
+        else:
+            self.probing += rounds
+            rate = self.rate + PROBE_STEP * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
+        self.rate = min(rate, self.cap)
+        return True
+
+    def decrease(self, now: float, sent_at: float, observed: float) -> bool:
+        """React to a 429 once per congestion episode; `observed` is the recent send rate, used when
+        the rate was unlimited. True when the rate changed."""
+        if self.fixed_unlimited or sent_at < self.decreased_at:
+            return False  # sent before the last decrease: that episode is already answered
+        if self.rate == INF:
+            # Nothing to scale down from: start below what was actually sent, and slow-start from there.
+            self.rate = max(observed / 2, 1 / 60)
+        else:
+            self.anchor = self.rate
+            self.rate = max(self.rate * DECREASE, 1 / 60)
+            self.slow_start = False
+        self.probing = 0.0
+        self.decreased_at = now
+        return True
+
+    def reported(self, limit_per_minute: int) -> bool:
+        """The provider said what the limit is; True when the rate changed."""
+        if not self.learn or limit_per_minute <= 0:
+            return False
+        cap = limit_per_minute / 60 * HEADER_MARGIN
+        if cap == self.cap:
+            return False
+        self.cap = cap
+        if self.slow_start:
+            self.rate = cap  # no 429 yet: trust the report at once
+        else:
+            self.anchor = cap  # after a 429, recover toward it as usual
+            self.rate = min(self.rate, cap)
+        return True
+
+
+class _Bucket(AsyncLimiter):
+    """An aiolimiter bucket whose rate can change while tasks wait on it.
+
+    aiolimiter has no public setter; its leak arithmetic reads `max_rate`, `time_period` and
+    `_rate_per_sec` (aiolimiter 1.2-1.3), so those are updated together after draining at the old rate,
+    and the sleeping waiter's timer is rescheduled. tests/engine/test_limits.py checks this still works.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self, rate: float, capacity: float, version: int) -> None:
+        super().__init__(capacity, capacity / rate)
+        self.version = version
+
+    def set_rate(self, rate: float, capacity: float, version: int) -> None:
+        self._leak()
+        self.max_rate, self.time_period, self._rate_per_sec = capacity, capacity / rate, rate
+        self.version = version
+        self._wake_next()
+
+    def hold(self, seconds: float) -> None:
+        """Let nothing through for `seconds`, then one request, then the rate again: a pause that ends
+        without the burst an idle bucket would allow (the server has refilled one request, not four)."""
+        self._leak()
+        self._level = max(self._level, self.max_rate - 1 + self._rate_per_sec * seconds)
+        self._wake_next()
+
+
+class _LoopState:
+    """The asyncio objects of one limiter in one event loop."""
+
+    __slots__ = ("concurrency", "rpm", "semaphore", "tpm", "tpm_lock")
+
+    def __init__(self, concurrency: int) -> None:
+        self.rpm: _Bucket | None = None
+        self.tpm: _Bucket | None = None
+        self.tpm_lock = asyncio.Lock()  # FIFO: aiolimiter serves small acquires first (notes §5)
+        self.concurrency = concurrency
+        self.semaphore = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+
+
+def _rpm_capacity(rate: float) -> float:
+    return max(1.0, min(float(BURST), rate), rate * BURST_SECONDS)
+
+
+def _tpm_capacity(rate: float) -> float:
+    return max(1.0, rate * TPM_BURST_SECONDS)
+
+
+class Limiter:
+    """The limits of one (provider, model, key): acquire before each attempt, report its outcome after."""
+
+    def __init__(self, key: LimiterKey, limits: Limits, defaults: Limits) -> None:
+        self.key = key
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.paused_until = 0.0
+        self._sends: deque[float] = deque(maxlen=4096)  # recent send times, for the observed rate
+        self._input_factor = 1.0  # reported input tokens / (chars / 4), a running average
+        self._output_tokens = float(DEFAULT_OUTPUT_TOKENS)
+        self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
+        self.configure(limits, defaults)
+
+    def configure(self, limits: Limits, defaults: Limits) -> None:
+        """Apply the user's limits (None: learn, starting from the provider's defaults)."""
+        now = time.monotonic()
+        self.config = (limits, defaults)
+        self._rpm = _Rate(limits.rpm, defaults.rpm or 0, now)
+        self._tpm = _Rate(limits.tpm, defaults.tpm or 0, now)
+        conc = limits.max_concurrency if limits.max_concurrency is not None else defaults.max_concurrency
+        self.max_concurrency = int(conc or 0)
+        self._version = getattr(self, "_version", 0) + 1
+
+    # -- what the rest of the engine reads ---------------------------------------------------------
+
+    @property
+    def rpm(self) -> float:
+        """Requests per minute the engine sends now (math.inf: unlimited)."""
+        return self._rpm.rate * 60
+
+    @property
+    def tpm(self) -> float:
+        """Tokens per minute the engine sends now (math.inf: unlimited)."""
+        return self._tpm.rate * 60
+
+    def learning(self) -> dict[str, bool]:
+        return {"rpm": self._rpm.learn, "tpm": self._tpm.learn}
+
+    def seconds_for(self, n_requests: int, tokens: int = 0) -> float:
+        """Estimated seconds to send n_requests using `tokens` in all, at the current rates (latency of
+        the calls themselves not included)."""
+        seconds = 0.0
+        if self._rpm.rate < INF:
+            seconds = max(seconds, max(0, n_requests - BURST) / self._rpm.rate)
+        if self._tpm.rate < INF:
+            seconds = max(seconds, tokens / self._tpm.rate)
+        return seconds + max(0.0, self.paused_until - time.monotonic())
+
+    def estimate_tokens(self, request: LLMRequest) -> int:
+        """Tokens this request will count against TPM: the prompt at ~4 chars a token (corrected by
+        what usage reported so far) plus max_tokens, or the typical output when it is unset."""
+        return self._estimate(_chars(request), request.max_tokens)
+
+    def _estimate(self, chars: int, max_tokens: int | None) -> int:
+        prompt = chars / CHARS_PER_TOKEN * self._input_factor
+        output = max_tokens if max_tokens is not None else self._output_tokens
+        return max(1, math.ceil(prompt + output))
+
+    # -- acquire and release -----------------------------------------------------------------------
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None or state.concurrency != self.max_concurrency:
+            state = self._loops[loop] = _LoopState(self.max_concurrency)
+        return state
+
+    def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:
+        """This loop's bucket for rpm or tpm, brought in line with the shared rate."""
+        rate = (self._rpm if which == "rpm" else self._tpm).rate
+        bucket: _Bucket | None = getattr(state, which)
+        if rate == INF:
+            if bucket is not None:
+                setattr(state, which, None)
+                bucket.set_rate(1e12, bucket.max_rate, self._version)  # release anyone still waiting
+            return None
+        capacity = _rpm_capacity(rate) if which == "rpm" else _tpm_capacity(rate)
+        if bucket is None:
+            bucket = _Bucket(rate, capacity, self._version)
+            setattr(state, which, bucket)
+        elif bucket.version != self._version:
+            bucket.set_rate(rate, capacity, self._version)
+        return bucket
+
+    def _changed(self) -> None:
+        self._version += 1
+        try:
+            state = self._loops.get(asyncio.get_running_loop())
+        except RuntimeError:  # told outside a loop: every loop catches up on its next acquire
+            return
+        if state is not None:  # wake this loop's waiters at the new rate now; other loops on next use
+            self._bucket(state, "rpm")
+            self._bucket(state, "tpm")
+
+    async def _wait_pause(self) -> None:
+        while (delay := self.paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(delay)
+
+    async def acquire(self, request: LLMRequest) -> Ticket:
+        """Wait for a concurrency slot, the end of any pause, a request and the request's tokens."""
+        state = self._state()
+        semaphore = state.semaphore
+        if semaphore is not None:
+            await semaphore.acquire()
+        try:
+            chars = _chars(request)
+            tokens = self._estimate(chars, request.max_tokens)
+            while True:
+                await self._wait_pause()
+                rpm = self._bucket(state, "rpm")
+                if rpm is not None:
+                    if not rpm.has_capacity(1):
+                        self._rpm.queued = True
+                    await rpm.acquire(1)
+                if self._bucket(state, "tpm") is not None:
+                    await self._acquire_tokens(state, tokens)
+                if self.paused_until <= time.monotonic():
+                    break
+                # A 429 paused the limiter while this caller waited in a bucket: going now would add to
+                # the burst at the end of the pause, so wait it out and queue again.
+        except BaseException:
+            if semaphore is not None:
+                semaphore.release()
+            raise
+        now = time.monotonic()
+        self._sends.append(now)
+        self._avg_tokens += _EMA * (tokens - self._avg_tokens)
+        if self._rpm.grow(now) | self._tpm.grow(now):
+            self._changed()
+        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore)
+
+    async def _acquire_tokens(self, state: _LoopState, tokens: int) -> None:
+        # One caller at a time, in arrival order, so a large request is not overtaken forever by small
+        # ones; a request larger than the bucket pays in bucket-sized parts.
+        async with state.tpm_lock:
+            left = float(tokens)
+            while left > 0:
+                bucket = self._bucket(state, "tpm")
+                if bucket is None:
+                    return
+                part = min(left, bucket.max_rate)
+                if not bucket.has_capacity(part):
+                    self._tpm.queued = True
+                await bucket.acquire(part)
+                left -= part
+
+    def release(self, ticket: Ticket) -> None:
+        if ticket.semaphore is not None:
+            ticket.semaphore.release()
+
+    # -- learning from outcomes --------------------------------------------------------------------
+
+    def on_response(self, response: LLMResponse, ticket: Ticket) -> None:
+        usage = response.usage
+        if usage.input_tokens and ticket.chars:
+            ratio = usage.input_tokens / (ticket.chars / CHARS_PER_TOKEN)
+            self._input_factor += _EMA * (min(4.0, max(0.25, ratio)) - self._input_factor)
+        if ticket.output_guess and usage.output_tokens:
+            self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
+        if response.rate_limits is not None:
+            self._reported(response.rate_limits)
+
+    def on_error(self, error: LLMError, ticket: Ticket) -> None:
+        if error.rate_limits is not None:
+            self._reported(error.rate_limits)
+        if not (isinstance(error, RateLimitError) or error.status == 429) or not error.retryable:
+            return  # exhausted quota (retryable False) is not a rate: slowing down would not help
+        now = time.monotonic()
+        rl = error.rate_limits
+        tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
+        changed = False
+        if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
+            changed = self._tpm.decrease(now, ticket.sent_at, self._observed_tokens(now))
+        else:
+            changed = self._rpm.decrease(now, ticket.sent_at, self._observed_requests(now))
+        if changed:
+            self._changed()
+        # after the rate change, so the pause holds the bucket at its new rate
+        self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+
+    def pause(self, seconds: float) -> None:
+        """Hold every caller of this limiter for `seconds` (capped) from now: one shared wake-up time
+        instead of each worker sleeping the same Retry-After and waking together."""
+        seconds = min(max(seconds, 0.0) * (1 + PAUSE_MARGIN[0]) + PAUSE_MARGIN[1], MAX_PAUSE)
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        try:
+            state = self._loops.get(asyncio.get_running_loop())
+        except RuntimeError:
+            return
+        if state is not None and (bucket := self._bucket(state, "rpm")) is not None:
+            bucket.hold(self.paused_until - time.monotonic())
+
+    def _reported(self, rl: RateLimits) -> None:
+        # An empty window ("remaining 0") matters only while this limiter sends faster than the reported
+        # limit (before the report was learned, or under a user ceiling set too high). When it already
+        # paces at the limit, the report is stale by the call's latency and pausing on it would stall a
+        # limiter that is exactly on target.
+        changed, pause = False, 0.0
+        if rl.limit_requests:
+            limit = rl.limit_requests / 60
+            overshooting = self._rpm.rate > limit
+            changed |= self._rpm.reported(rl.limit_requests)
+            if overshooting and rl.remaining_requests == 0:
+                pause = min(1 / limit, rl.reset_requests or INF)  # until one request has refilled
+        if rl.limit_tokens:
+            limit = rl.limit_tokens / 60
+            overshooting = self._tpm.rate > limit
+            changed |= self._tpm.reported(rl.limit_tokens)
+            if overshooting and rl.remaining_tokens is not None and rl.remaining_tokens < self._avg_tokens:
+                wait = min((self._avg_tokens - rl.remaining_tokens) / limit, rl.reset_tokens or INF)
+                pause = max(pause, wait)
+        if changed:
+            self._changed()
+        if pause:
+            self.pause(pause)
+
+    def _observed_requests(self, now: float) -> float:
+        return _per_second(self._sends, now)
+
+    def _observed_tokens(self, now: float) -> float:
+        return _per_second(self._sends, now) * self._avg_tokens
+
+    def __repr__(self) -> str:
+        return f"<Limiter {self.key.provider}/{self.key.model} rpm={self.rpm:g} tpm={self.tpm:g}>"
+
+
+def _per_second(times: deque[float], now: float, window: float = 1.0) -> float:
+    """Events per second over the last `window` seconds (or since the first event, if sooner)."""
+    if not times:
+        return 0.0
+    recent = sum(1 for t in reversed(times) if t >= now - window)
+    span = min(window, max(now - times[0], 0.1))
+    return recent / span
+
+
+def _chars(request: LLMRequest) -> int:
+    n = len(request.system or "")
+    for message in request.messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            n += len(content)
+        elif isinstance(content, list):  # content parts: count the text ones
+            n += sum(len(p.get("text", "")) for p in content if isinstance(p, dict))
+    return n
+
+
+# -- the registry: one Limiter per (provider, model, key) for the life of the process -------------------
+
+_registry: dict[LimiterKey, Limiter] = {}
+_registry_lock = threading.Lock()
+
+
+def limiter_for(provider: Provider, model: str) -> Limiter:
+    """The process-wide limiter for this provider, model and key (a ConfigError if the key is unset)."""
+    key = LimiterKey(provider.name, model, key_fingerprint(provider.api_key()))
+    limits = settings().limits_for(provider.name)
+    defaults = Limits(provider.rpm, provider.tpm, provider.max_concurrency)
+    limiter = _registry.get(key)
+    if limiter is None:
+        with _registry_lock:
+            limiter = _registry.get(key)
+            if limiter is None:
+                limiter = _registry[key] = Limiter(key, limits, defaults)
+    elif limiter.config != (limits, defaults):
+        limiter.configure(limits, defaults)  # the environment changed (config.reload())
+    return limiter
+
+
+def limiters() -> dict[LimiterKey, Limiter]:
+    """Every limiter made so far (a copy), e.g. to show what was learned."""
+    return dict(_registry)
+
+
+def reset_limiters() -> None:
+    """Forget every limiter and what it learned (for tests, or after the account's limits changed)."""
+    with _registry_lock:
+        _registry.clear()
