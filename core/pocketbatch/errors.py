@@ -16,8 +16,8 @@ class ConfigError(PocketBatchError):
     """Bad settings, a missing key, an unknown provider or model: fix the configuration; never retried."""
 
 
-class LLMError(PocketBatchError):
-    """A call failed. `retryable` is the provider's verdict; None at construction takes the class default."""
+class _Failure(PocketBatchError):
+    """An error with the provider's details: HTTP status, Retry-After, its retry verdict, its limits."""
 
     default_retryable = False
 
@@ -41,6 +41,10 @@ class LLMError(PocketBatchError):
         return _rebuild, (type(self), self.message, self.__dict__)
 
 
+class LLMError(_Failure):
+    """A call failed. `retryable` is the provider's verdict; None at construction takes the class default."""
+
+
 class RateLimitError(LLMError):
     """429: the provider's limit was hit; wait (Retry-After) and try again."""
 
@@ -57,26 +61,9 @@ class RequestError(LLMError):
     """The request itself is wrong (4xx other than 408/409/429): sending it again cannot help."""
 
 
-class BatchError(PocketBatchError):
-    """A batch job failed or was rejected; the engine runs its requests concurrently instead."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        status: int | None = None,
-        retry_after: float | None = None,
-        retryable: bool | None = None,
-        rate_limits: RateLimits | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.retry_after = retry_after
-        self.retryable = bool(retryable)
-        self.rate_limits = rate_limits
-
-    __reduce__ = LLMError.__reduce__
+class BatchError(_Failure):
+    """A batch job failed or was rejected (status 413: too large, the engine halves it); the engine runs
+    its requests concurrently instead. Not an LLMError: no single call failed."""
 
 
 def _rebuild(cls: type, message: str, state: dict) -> Exception:
