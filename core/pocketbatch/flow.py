@@ -6,11 +6,11 @@ import asyncio
 import copy
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from .config import MODES
-from .engine.collector import Round, dispatch
+from .engine.collector import map_parallel
 
 
 class BaseNode:
@@ -253,59 +253,3 @@ class AsyncParallelBatchFlow(_Parallel, AsyncFlow, BatchFlow):
 
         await map_parallel(branch, pr, self.max_concurrency, self.mode)
         return await self.post_async(shared, pr, None)
-
-
-async def map_parallel(
-    fn: Callable[[Any], Awaitable[Any]],
-    items: Iterable[Any],
-    limit: int | None = None,
-    mode: str | None = None,
-) -> list[Any]:
-    """fn over items, all at once (or `limit` at a time), results in input order.
-
-    The items' LLM calls form rounds (engine/collector.py). The first failure cancels the items still
-    running and waits for them before it propagates.
-    """
-    items = list(items)
-    # Unbounded, every item starts at once, so all count as live from the start; bounded, an item waiting
-    # for a slot is not live, or the round would wait for it forever.
-    round_ = Round(0 if limit else len(items), mode, dispatch)
-    results: list[Any] = [None] * len(items)
-    running: set[asyncio.Task[Any]] = set()
-    failures: list[BaseException] = []
-    slots = asyncio.Semaphore(limit) if limit else None
-
-    def finished(index: int, task: asyncio.Task[Any]) -> None:
-        running.discard(task)
-        if slots:
-            slots.release()
-        if task.cancelled():
-            return
-        if (exc := task.exception()) is not None:
-            failures.append(exc)
-        else:
-            results[index] = task.result()
-
-    try:
-        for index, item in enumerate(items):
-            if slots:
-                await slots.acquire()
-            elif index % 256 == 255:
-                await asyncio.sleep(0)  # let items that finish at once free their memory
-            if failures:
-                break
-            if slots:
-                round_.admit()
-            task = asyncio.create_task(round_.run(index, fn(item)))
-            running.add(task)
-            task.add_done_callback(lambda t, i=index: finished(i, t))
-        while running and not failures:
-            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in running:
-            task.cancel()
-        if running:
-            await asyncio.gather(*running, return_exceptions=True)
-    if failures:
-        raise failures[0]
-    return results
