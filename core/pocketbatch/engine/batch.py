@@ -9,6 +9,8 @@ warning. A deadline cancels the job, keeps its partial results and finishes the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -16,12 +18,13 @@ import random
 import time
 from collections import Counter
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 from .. import journal as journals
 from ..config import settings
 from ..errors import BatchError, LLMError
-from ..providers import LLMRequest, LLMResponse, Provider
+from ..providers import LLMRequest, LLMResponse, Provider, Usage
 from . import concurrent, events
 from .collector import Call
 from .retry import with_retries
@@ -46,10 +49,14 @@ ENVELOPE_BYTES = 200  # custom_id, method, url and JSON punctuation around each 
 
 def custom_ids(requests: list[LLMRequest]) -> list[str]:
     """Ids from each request's content (the same round gets the same ids in any order), unique per round."""
+    return _ids([_canonical(request) for request in requests])
+
+
+def _ids(canonical: list[str]) -> list[str]:
     seen: Counter[str] = Counter()
     ids = []
-    for request in requests:
-        digest = hashlib.sha256(_canonical(request).encode()).hexdigest()[:24]
+    for text in canonical:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         ids.append(f"pb-{digest}-{seen[digest]}")
         seen[digest] += 1
     return ids
@@ -60,18 +67,44 @@ def round_key(provider: Provider, model: str, ids: list[str]) -> str:
 
 
 def _canonical(request: LLMRequest) -> str:
-    return json.dumps(asdict(request), sort_keys=True, default=str)
+    """The JSON of `asdict(request)` with sorted keys: the ids the journal knows depend on it exactly.
+
+    asdict deep-copies every message only for json.dumps to read it once; on a large round that copy
+    was most of the batch path's client-side time. The fields go to json.dumps as they are, and a
+    dataclass nested in them is expanded as asdict would have done.
+    """
+    fields = {name: getattr(request, name) for name in _field_names(type(request))}
+    return json.dumps(fields, sort_keys=True, default=_as_asdict_would)
 
 
-def chunks(provider: Provider, items: list[tuple[str, LLMRequest]]) -> list[list[tuple[str, LLMRequest]]]:
-    """Split over max_requests and max_bytes by an estimate with a margin; submit checks the exact size."""
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _as_asdict_would(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
+def chunks(
+    provider: Provider,
+    items: list[tuple[str, LLMRequest]],
+    sizes: dict[str, int] | None = None,
+) -> list[list[tuple[str, LLMRequest]]]:
+    """Split over max_requests and max_bytes by an estimate with a margin; submit checks the exact size.
+
+    `sizes` (custom_id -> length of the request's canonical JSON) saves encoding each request again.
+    """
     api = provider.batch
     assert api is not None
     budget = api.max_bytes * 0.9
     out: list[list[tuple[str, LLMRequest]]] = []
     size = 0.0
     for item in items:
-        estimate = len(_canonical(item[1])) + ENVELOPE_BYTES
+        known = sizes.get(item[0]) if sizes is not None else None
+        estimate = (len(_canonical(item[1])) if known is None else known) + ENVELOPE_BYTES
         if not out or len(out[-1]) >= api.max_requests or size + estimate > budget:
             out.append([])
             size = 0.0
@@ -83,17 +116,29 @@ def chunks(provider: Provider, items: list[tuple[str, LLMRequest]]) -> list[list
 class BatchRound:
     """One group of calls (one provider, one model) on its way through batch jobs."""
 
-    def __init__(self, provider: Provider, model: str, calls: dict[str, Call], key: str) -> None:
+    def __init__(
+        self,
+        provider: Provider,
+        model: str,
+        calls: dict[str, Call],
+        key: str,
+        sizes: dict[str, int] | None = None,
+    ) -> None:
         self.provider, self.api, self.model = provider, provider.batch, model
         self.calls, self.key = calls, key  # by custom_id
+        self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
+        self._prices: dict[str, tuple[float, float] | None] = {}  # model -> provider.price(model)
         self.journal = journals.journal()
         self.settings = settings()
 
     @classmethod
     def of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
         model = calls[0].request.model
-        ids = custom_ids([c.request for c in calls])
-        return cls(provider, model, dict(zip(ids, calls, strict=True)), round_key(provider, model, ids))
+        canonical = [_canonical(c.request) for c in calls]
+        ids = _ids(canonical)
+        sizes = {cid: len(text) for cid, text in zip(ids, canonical, strict=True)}
+        key = round_key(provider, model, ids)
+        return cls(provider, model, dict(zip(ids, calls, strict=True)), key, sizes)
 
     def known(self) -> bool:
         """True when the journal has this round: it goes back to its jobs, whatever the choice says."""
@@ -123,7 +168,7 @@ class BatchRound:
         taken = set(reused).union(*(job.custom_ids for job in attached))
         fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
         work = [self._follow(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
-        work += [self._submit(chunk) for chunk in chunks(self.provider, fresh)]
+        work += [self._submit(chunk) for chunk in chunks(self.provider, fresh, self.sizes)]
         await asyncio.gather(*work)
 
     def _from_journal(self):
@@ -256,8 +301,25 @@ class BatchRound:
     def _priced(self, response: LLMResponse) -> LLMResponse:
         cost = response.cost_usd
         if cost is None:
-            cost = self.provider.cost(response.model or self.model, response.usage, self.api.price_factor)
+            cost = self._cost(response.model or self.model, response.usage)
         return response.replace(via="batch", cost_usd=cost, provider=response.provider or self.provider.name)
+
+    def _cost(self, model: str, usage: Usage) -> float | None:
+        assert self.api is not None
+        if type(self.provider).cost is not Provider.cost:  # the provider prices in its own way
+            return self.provider.cost(model, usage, self.api.price_factor)
+        # Provider.cost, with the price looked up once per model: matching a model against every price
+        # key for each of a round's lines cost more than parsing the line did.
+        if model not in self._prices:
+            self._prices[model] = self.provider.price(model)
+        price = self._prices[model]
+        if price is None:
+            return None
+        return (
+            (usage.input_tokens * price[0] + usage.output_tokens * price[1])
+            * self.api.price_factor
+            / 1_000_000
+        )
 
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:
