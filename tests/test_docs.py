@@ -321,3 +321,13 @@ def test_the_readme_seed_example_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Summarize: one" in done.stdout and "Summarize: two" in done.stdout
     assert len(seed.strip().splitlines()) <= 20, "the README's example should stay within 20 lines"
+
+
+def test_every_variable_the_code_reads_is_on_the_configuration_page():
+    sources = [*(REPO / "core").rglob("*.py"), *(REPO / "plugins").glob("*/pocketbatch_*/*.py")]
+    names = set()
+    for source in sources:
+        names |= set(re.findall(r"POCKETBATCH_[A-Z0-9_]*[A-Z0-9]", source.read_text(encoding="utf-8")))
+    page = (DOCS / "configuration.md").read_text(encoding="utf-8")
+    missing = sorted(name for name in names if f"`{name}`" not in page)
+    assert not missing, f"docs/configuration.md does not document {missing}"
