@@ -1,4 +1,7 @@
-"""Through pocketbatch itself: call_llm_async and a parallel node, with the plugin registered in the core."""
+"""Through pocketbatch itself: call_llm_async and parallel nodes, with the provider registered in the core
+(strict SDK clients) and the emulator on the other side of the HTTP calls."""
+
+import logging
 
 import pytest
 
@@ -6,17 +9,34 @@ from pocketbatch import (
     AsyncFlow,
     AsyncParallelBatchNode,
     RequestError,
+    Usage,
     call_llm,
     call_llm_async,
     get_provider,
 )
+from pocketbatch.engine.limits import reset_limiters
+from pocketbatch_anthropic import AnthropicProvider
 
 MODEL = "anthropic/claude-haiku-4-5"
+PRICE = (1.0, 5.0)  # claude-haiku-4-5, USD per million (input, output) tokens
 
 
 @pytest.fixture(autouse=True)
-def engine(registry, pocketbatch_env):
-    pocketbatch_env(POCKETBATCH_JOURNAL="off", POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_MAX_RETRIES="3")
+def engine(register_provider, pocketbatch_env, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-engine")
+    # The emulator reports tier-1 limits (50 RPM, a call every 1.2 s; and the default max_tokens of 4096
+    # counts against its token limits): these tests are about how a round runs, not its pace
+    # (test_rate_limits.py is), so both are unlimited, and each test starts with nothing learned.
+    pocketbatch_env(
+        POCKETBATCH_JOURNAL="off",
+        POCKETBATCH_POLL_INTERVAL="0.01",
+        POCKETBATCH_MAX_RETRIES="3",
+        POCKETBATCH_ANTHROPIC_RPM="0",
+        POCKETBATCH_ANTHROPIC_TPM="0",
+    )
+    reset_limiters()
+    yield register_provider(AnthropicProvider(client_options={"_strict_response_validation": True}))
+    reset_limiters()
 
 
 async def test_the_engine_retries_an_overload(anthropic_emulator):
@@ -68,3 +88,115 @@ async def test_a_batch_round_maps_lines_back_and_retries_the_expired_one(anthrop
     assert [s.via for s in shared["summaries"]] == ["batch", "batch", "concurrent", "batch", "batch", "batch"]
     assert anthropic_emulator.batches_created == 1
     assert anthropic_emulator.calls["messages"] == 1
+
+
+class Ask(AsyncParallelBatchNode):
+    """One call per prompt; an item's final error becomes its result, so each item can be checked."""
+
+    async def prep_async(self, shared):
+        return shared["prompts"]
+
+    async def exec_async(self, prompt):
+        return await call_llm_async(prompt, model=MODEL)
+
+    async def exec_fallback_async(self, prompt, exc):
+        return exc
+
+    async def post_async(self, shared, prep_res, exec_res):
+        shared["replies"] = exec_res
+
+
+async def ask(prompts, **node_options):
+    shared = {"prompts": prompts}
+    await AsyncFlow(start=Ask(**node_options)).run_async(shared)
+    return shared["replies"]
+
+
+def cost(input_tokens, output_tokens, factor=1.0):
+    return (input_tokens * PRICE[0] + output_tokens * PRICE[1]) * factor / 1_000_000
+
+
+def lines_end(emulator, provider, by_prompt):
+    """Set how each prompt's batch line ends (emulator.results_for) as the batch is submitted: the
+    engine picks the custom_ids, so they are only known then."""
+    submit = provider.batch.submit
+
+    async def submit_and_set(items):
+        prompts = {cid: request.messages[-1]["content"] for cid, request in items}
+        chosen = {cid: by_prompt[p] for cid, p in prompts.items() if p in by_prompt}
+        emulator.results_for = {**emulator.results_for, **chosen}
+        return await submit(items)
+
+    provider.batch.submit = submit_and_set
+
+
+async def test_a_small_round_goes_concurrent_through_messages(anthropic_emulator, caplog):
+    prompts = ["Summarise: the cat sat", "Summarise: the dog ran", "Summarise: the owl flew"]
+    with caplog.at_level(logging.INFO, logger="pocketbatch"):
+        replies = await ask(prompts)
+
+    assert replies == [f"reply to: {p}" for p in prompts]
+    assert [r.via for r in replies] == ["concurrent"] * 3
+    assert [r.usage for r in replies] == [Usage(4, 6)] * 3
+    assert [r.cost_usd for r in replies] == [pytest.approx(cost(4, 6))] * 3
+    assert anthropic_emulator.calls["messages"] == 3 and anthropic_emulator.batches_created == 0
+    assert "3 requests to anthropic/claude-haiku-4-5" in caplog.text and "running concurrently" in caplog.text
+
+
+async def test_a_batch_round_settles_final_errors_and_reruns_retryable_lines(engine, anthropic_emulator):
+    prompts = [f"Summarise: text {i}" for i in range(7)]
+    lines_end(
+        anthropic_emulator,
+        engine,
+        {
+            prompts[1]: "invalid_request_error",  # final: the item's own error
+            prompts[2]: "api_error",  # 500: run again concurrently
+            prompts[4]: "overloaded_error",  # 529: run again concurrently
+            prompts[5]: "expired",  # run again concurrently
+        },
+    )
+
+    replies = await ask(prompts, mode="batch")
+
+    assert isinstance(replies[1], RequestError) and replies[1].status == 400
+    assert "invalid_request_error" in replies[1].message
+    answered = [r for i, r in enumerate(replies) if i != 1]
+    assert answered == [f"reply to: {p}" for i, p in enumerate(prompts) if i != 1]
+    assert [r.via for r in answered] == ["batch", "concurrent", "batch", "concurrent", "concurrent", "batch"]
+    assert all(r.usage == Usage(3, 5) for r in answered)
+    # The batch API's lines at half the price, the lines run again at the full one.
+    half, full = pytest.approx(cost(3, 5, 0.5)), pytest.approx(cost(3, 5))
+    assert [r.cost_usd for r in answered] == [half, full, half, full, full, half]
+    assert anthropic_emulator.batches_created == 1
+    rerun = sorted(body["messages"][-1]["content"] for body in anthropic_emulator.bodies("messages"))
+    assert rerun == [prompts[2], prompts[4], prompts[5]]
+
+
+async def test_a_rejected_batch_runs_every_item_concurrently(anthropic_emulator, caplog):
+    anthropic_emulator.fail_next(1, status=400, route="batches.create", message="requests: too many tokens")
+    prompts = [f"Summarise: text {i}" for i in range(4)]
+
+    replies = await ask(prompts, mode="batch")
+
+    assert replies == [f"reply to: {p}" for p in prompts]
+    assert [r.via for r in replies] == ["concurrent"] * 4
+    assert [r.cost_usd for r in replies] == [pytest.approx(cost(3, 5))] * 4
+    assert anthropic_emulator.batches_created == 0 and anthropic_emulator.calls["messages"] == 4
+    assert "requests: too many tokens" in caplog.text and "running them concurrently" in caplog.text
+
+
+async def test_a_batch_the_api_finds_too_large_is_halved_until_it_fits(engine, anthropic_emulator):
+    # The engine's estimate of a request's size is above the exact size of its Message Batches entry,
+    # so a chunk the engine accepts never fails the plugin's own size check (and it splits over
+    # max_requests itself): the 413 that halves a chunk comes from an API whose limit is lower.
+    anthropic_emulator.max_batch_requests = 2
+    prompts = [f"Summarise: text {i}" for i in range(8)]
+
+    replies = await ask(prompts, mode="batch")
+
+    assert replies == [f"reply to: {p}" for p in prompts]
+    assert [r.via for r in replies] == ["batch"] * 8
+    assert [r.cost_usd for r in replies] == [pytest.approx(cost(3, 5, 0.5))] * 8
+    assert anthropic_emulator.calls["batches.create"] == 1 + 2 + 4  # 8 refused, 4 and 4 refused, 4 x 2
+    assert [len(b.requests) for b in anthropic_emulator.batches.values()] == [2, 2, 2, 2]
+    assert anthropic_emulator.calls["messages"] == 0
