@@ -210,7 +210,7 @@ class BatchRound:
         if self.journal is not None:  # before any waiting: a crash from here on re-attaches, never re-submits
             self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids)
         log.info(
-            "submitted batch job %s with %d requests to %s/%s",
+            "submitted batch job %s with %d request(s) to %s/%s",
             job_id,
             len(ids),
             self.provider.name,
@@ -237,7 +237,7 @@ class BatchRound:
         await self._concurrently(retry)
 
     async def _wait_ended(self, job_id: str, submitted_at: float):
-        interval = self.settings.poll_interval or 1.0
+        interval = self.settings.poll_interval
         deadline = self.settings.batch_deadline
         cancelled = False
         while True:
@@ -271,7 +271,7 @@ class BatchRound:
     async def _collect(self, job_id: str, ids: list[str]) -> list[str]:
         """Settle every line the job answered for good; return the ids to run again concurrently."""
         assert self.api is not None
-        interval = self.settings.poll_interval or 1.0
+        interval = self.settings.poll_interval
         while True:
             try:
                 lines = {cid: outcome async for cid, outcome in self.api.results(job_id)}
@@ -285,7 +285,9 @@ class BatchRound:
         final: dict[str, LLMResponse | BaseException] = {}
         retry = []
         for cid in ids:
-            outcome = lines.get(cid)
+            # Popped, so each provider response is freed as its priced copy is made instead of both
+            # living until the whole job is settled.
+            outcome = lines.pop(cid, None)
             if isinstance(outcome, LLMResponse):
                 final[cid] = self._priced(outcome)
             elif isinstance(outcome, LLMError) and not outcome.retryable:
