@@ -74,10 +74,11 @@ def test_slow_start_from_the_default_then_one_decrease_per_episode():
     rate = _Rate(configured=None, default=600, now=0.0)  # starts at 10/s, learning
     assert rate.rate == 10 and rate.slow_start
     rate.queued = True
-    assert rate.grow(0.5)  # one round at 10/s is 0.5 s: doubles
+    one_round = rate.round_seconds()
+    assert rate.grow(one_round)  # doubles each round while callers queue
     assert rate.rate == pytest.approx(20)
-    assert not rate.grow(0.6)  # not a quarter round yet
-    rate.grow(1.0)  # not queued: no growth without demand
+    assert not rate.grow(one_round * 1.1)  # not a quarter round later yet
+    rate.grow(one_round * 3)  # not queued: no growth without demand
     assert rate.rate == pytest.approx(20)
     assert rate.decrease(now=2.0, sent_at=1.9, observed=20)
     assert not rate.slow_start and rate.rate == pytest.approx(20 * limits.DECREASE)
@@ -87,7 +88,7 @@ def test_slow_start_from_the_default_then_one_decrease_per_episode():
     # additive: quick back to 95 % of where the 429 came, then a slow probe
     t = 2.0
     while rate.rate < limits.RECOVER_TO * 20 - 1e-9:
-        t += 0.5
+        t += rate.round_seconds()
         rate.queued = True
         rate.grow(t)
     assert rate.rate == pytest.approx(limits.RECOVER_TO * 20)

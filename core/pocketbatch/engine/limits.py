@@ -47,7 +47,7 @@ TPM_BURST_SECONDS = 1.0
 # Learning. A "round" is the time of ROUND_REQUESTS at the current rate, kept within ROUND_SECONDS, so
 # slow and fast limits converge in a similar number of requests and in bounded time.
 ROUND_REQUESTS = 32
-ROUND_SECONDS = (0.05, 0.5)
+ROUND_SECONDS = (0.05, 0.35)
 DECREASE = 0.85  # multiplicative decrease on a 429
 RECOVER_TO = 0.95  # quick additive recovery up to this fraction of the rate that drew the 429 ...
 RECOVER_STEP = 0.05  # ... at this fraction of that rate per round,
@@ -347,9 +347,12 @@ class Limiter:
             while True:
                 await self._wait_pause()
                 rpm = self._bucket(state, "rpm")
-                if rpm is not None:
-                    if not rpm.has_capacity(1):
-                        self._rpm.queued = True
+                if rpm is not None and not rpm.has_capacity(1):
+                    await rpm.acquire(1)
+                    # Set after the wait, not before: a pool whose workers all wait already has no new
+                    # arrivals, and each caller the bucket lets out is the evidence of demand.
+                    self._rpm.queued = True
+                elif rpm is not None:
                     await rpm.acquire(1)
                 if self._bucket(state, "tpm") is not None:
                     await self._acquire_tokens(state, tokens)
@@ -378,9 +381,10 @@ class Limiter:
                 if bucket is None:
                     return
                 part = min(left, bucket.max_rate)
-                if not bucket.has_capacity(part):
-                    self._tpm.queued = True
+                waited = not bucket.has_capacity(part)
                 await bucket.acquire(part)
+                if waited:
+                    self._tpm.queued = True
                 left -= part
 
     def release(self, ticket: Ticket) -> None:
