@@ -1,0 +1,256 @@
+"""Rate-limited servers for bench/ratelimit.py: an in-process fake provider and a loopback HTTP server that
+speaks the OpenAI chat completions API. Both admit requests through a token bucket (`rate` a second,
+`burst` deep) and answer 429 with the exact time until the next free slot.
+
+The loopback server listens on 127.0.0.1 only, runs in a child process (so it does not share the
+client's event loop or interpreter lock), and stops by itself after `max_seconds` or `max_requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from pocketbatch.errors import RateLimitError
+from pocketbatch.providers import LLMRequest, LLMResponse, Provider, RateLimits, Usage
+
+
+class TokenBucket:
+    """A server's request limit: `rate` a second, `burst` at once; starts full, as after a quiet period."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.level, self.stamp = burst, time.monotonic()
+
+    def refill(self) -> float:
+        now = time.monotonic()
+        self.level = min(self.burst, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+        return self.level
+
+    def admit(self) -> float | None:
+        """None when admitted; otherwise the seconds until a slot is free."""
+        if self.refill() >= 1:
+            self.level -= 1
+            return None
+        return (1 - self.level) / self.rate
+
+
+@dataclass
+class Books:
+    """What a server saw."""
+
+    requests: int = 0
+    rate_limited: int = 0
+    ok: int = 0
+    ok_times: list[float] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"requests": self.requests, "rate_limited": self.rate_limited, "ok": self.ok}
+
+
+class FakeServerProvider(Provider):
+    """An in-process provider with a server-side limit: no sockets, so only the engine is measured."""
+
+    name = "benchfake"
+    default_model = "fake"
+    rpm = 500  # where learning starts when nothing is configured, like the OpenAI plugin's tier-1 default
+    tpm = 0
+
+    def __init__(self, rate: float, *, burst: float = 5, latency: float = 0.05, headers: bool = False):
+        self.bucket = TokenBucket(rate, burst)
+        self.latency, self.headers = latency, headers
+        self.books = Books()
+
+    def _limits(self) -> RateLimits | None:
+        if not self.headers:
+            return None
+        b = self.bucket
+        return RateLimits(
+            limit_requests=round(b.rate * 60),
+            remaining_requests=int(b.level),
+            reset_requests=(b.burst - b.level) / b.rate,
+        )
+
+    async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
+        self.books.requests += 1
+        wait = self.bucket.admit()
+        if wait is not None:
+            self.books.rate_limited += 1
+            raise RateLimitError("429 rate limit", status=429, retry_after=wait, rate_limits=self._limits())
+        limits = self._limits()
+        await asyncio.sleep(self.latency)
+        self.books.ok += 1
+        self.books.ok_times.append(time.monotonic())
+        return LLMResponse(
+            "ok", usage=Usage(10, 1), model=request.model, provider=self.name, rate_limits=limits
+        )
+
+
+# -- the loopback OpenAI-compatible server ----------------------------------------------------------------
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{max(0, math.ceil(seconds * 1000))}ms"
+
+
+class _OpenAIServer:
+    def __init__(self, rate: float, burst: float, latency: float, headers: bool, max_requests: int):
+        self.bucket = TokenBucket(rate, burst)
+        self.rate, self.burst, self.latency, self.headers = rate, burst, latency, headers
+        self.max_requests = max_requests
+        self.books = Books()
+        self.done = asyncio.Event()
+
+    def ratelimit_headers(self) -> dict[str, str]:
+        if not self.headers:
+            return {}
+        b = self.bucket
+        b.refill()
+        return {
+            "x-ratelimit-limit-requests": str(round(self.rate * 60)),
+            "x-ratelimit-remaining-requests": str(int(b.level)),
+            "x-ratelimit-reset-requests": _go_duration((b.burst - b.level) / b.rate),
+            # tokens are not limited by this server; it reports a roomy limit as OpenAI reports both
+            "x-ratelimit-limit-tokens": "10000000",
+            "x-ratelimit-remaining-tokens": "10000000",
+            "x-ratelimit-reset-tokens": "0ms",
+        }
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while not self.done.is_set():
+                line = await reader.readline()
+                if not line:
+                    return
+                method, path, _ = line.decode("latin-1").split(" ", 2)
+                length = 0
+                while (header := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = header.decode("latin-1").partition(":")
+                    if name.strip().lower() == "content-length":
+                        length = int(value.strip())
+                body = await reader.readexactly(length) if length else b""
+                status, payload, headers = await self.respond(method, path, body)
+                data = json.dumps(payload).encode()
+                head = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Too Many Requests'}"]
+                head += [f"{k}: {v}" for k, v in headers.items()]
+                head += ["content-type: application/json", f"content-length: {len(data)}", "", ""]
+                writer.write("\r\n".join(head).encode("latin-1") + data)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            return
+        finally:
+            writer.close()
+
+    async def respond(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
+        if path == "/stats":
+            return 200, self.books.as_dict() | {"ok_times": self.books.ok_times}, {}
+        if path == "/reset":  # between contestants: empty books, a full bucket
+            self.books = Books()
+            self.bucket = TokenBucket(self.rate, self.burst)
+            return 200, {}, {}
+        if not path.endswith("/chat/completions") or method != "POST":
+            return 404, {"error": {"message": f"no route {method} {path}"}}, {}
+        self.books.requests += 1
+        if self.books.requests >= self.max_requests:
+            self.done.set()  # a runaway client cannot keep it busy for ever
+        request = json.loads(body)
+        wait = self.bucket.admit()
+        if wait is not None:
+            self.books.rate_limited += 1
+            headers = {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))}
+            error = {
+                "message": f"Rate limit reached: {round(self.rate * 60)} requests per min. "
+                f"Please try again in {wait * 1000:.0f}ms.",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+            return 429, {"error": error}, headers | self.ratelimit_headers()
+        headers = self.ratelimit_headers()
+        await asyncio.sleep(self.latency)
+        self.books.ok += 1
+        self.books.ok_times.append(time.monotonic())
+        completion = {
+            "id": f"chatcmpl-{self.books.requests}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.get("model", "gpt-4o-mini"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok"},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
+        }
+        return 200, completion, headers
+
+
+def _serve(port_pipe, rate, burst, latency, headers, max_seconds, max_requests) -> None:
+    async def main() -> None:
+        app = _OpenAIServer(rate, burst, latency, headers, max_requests)
+        server = await asyncio.start_server(app.handle, "127.0.0.1", 0, backlog=2048)
+        port_pipe.send(server.sockets[0].getsockname()[1])
+        port_pipe.close()
+        async with server:
+            try:
+                await asyncio.wait_for(app.done.wait(), max_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    asyncio.run(main())
+
+
+class LoopbackOpenAI:
+    """`with LoopbackOpenAI(rate=50) as server:` a chat completions server at `server.base_url`."""
+
+    def __init__(
+        self,
+        rate: float = 50,
+        *,
+        burst: float = 5,
+        latency: float = 0.05,
+        headers: bool = False,
+        max_seconds: float = 900,
+        max_requests: int = 200_000,
+    ) -> None:
+        self.args = (rate, burst, latency, headers, max_seconds, max_requests)
+        self.process: multiprocessing.Process | None = None
+        self.port = 0
+
+    def __enter__(self) -> LoopbackOpenAI:
+        ctx = multiprocessing.get_context("spawn")
+        receive, send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=_serve, args=(send, *self.args), daemon=True)
+        self.process.start()
+        if not receive.poll(30):
+            raise RuntimeError("the loopback server did not start")
+        self.port = receive.recv()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.join(5)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def _get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
+            return json.loads(response.read())
+
+    def reset(self) -> None:
+        self._get("/reset")
+
+    def stats(self) -> dict:
+        return self._get("/stats")
