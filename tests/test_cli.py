@@ -71,6 +71,7 @@ def test_one_bad_item_does_not_lose_the_others_and_exits_1(tmp_path):
     assert [r["id"] for r in rows] == [1, 2, 3]
     assert rows[1]["error"]["type"] == "RequestError" and "max_tokens" in rows[1]["error"]["message"]
     assert rows[1]["text"] is None and rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[1]["model"] == "offline/offline-small"  # the resolved model, even for a failed line
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,7 @@ class Settings:
     batch_min_items: int = 500
     batch_min_seconds: float = 300.0
     batch_deadline: float | None = None
-    poll_interval: float | None = None  # None: the provider's own starting interval
+    poll_interval: float = 1.0  # seconds before the first poll of a batch job; it grows to 60 s
     journal: Path | None = None
     reuse: bool = True
     log: str = "warning"
@@ -90,7 +90,7 @@ def settings() -> Settings:
             "POCKETBATCH_BATCH_MIN_SECONDS", env.get("POCKETBATCH_BATCH_MIN_SECONDS", "300")
         ),
         batch_deadline=_opt(env, "POCKETBATCH_BATCH_DEADLINE", _seconds),
-        poll_interval=_opt(env, "POCKETBATCH_POLL_INTERVAL", _seconds),
+        poll_interval=_opt(env, "POCKETBATCH_POLL_INTERVAL", _seconds) or 1.0,
         journal=None
         if journal.lower() == "off"
         else Path(journal).expanduser()

@@ -19,6 +19,7 @@ class Item:
     id: Any
     prompt: str | list[dict]
     options: dict[str, Any] = field(default_factory=dict)  # model, system, max_tokens, temperature
+    model: str = ""  # resolved "provider/model", for the output line even when the call failed
 
 
 def read_items(lines: IO[str], *, model: str | None, system: str | None) -> list[Item]:
@@ -46,10 +47,10 @@ def read_items(lines: IO[str], *, model: str | None, system: str | None) -> list
             if data.get(name) is not None:
                 options[name] = data[name]
         try:
-            build_request(prompt, **options)  # unknown model, missing key, bad messages: now, not later
+            provider, request = build_request(prompt, **options)  # unknown model, missing key: now, not later
         except (ConfigError, TypeError) as e:
             raise ConfigError(f"line {number}: {e}") from None
-        items.append(Item(data.get("id", number), prompt, options))
+        items.append(Item(data.get("id", number), prompt, options, f"{provider.name}/{request.model}"))
     if not items:
         raise ConfigError("the input has no items")
     return items
@@ -70,7 +71,7 @@ def result_line(item: Item, outcome: LLMResponse | BaseException) -> dict[str, A
     return {
         "id": item.id,
         "text": None,
-        "model": item.options.get("model"),
+        "model": item.model,
         "via": None,
         "usage": None,
         "cost_usd": None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable, Iterable
 
 import pytest
@@ -99,6 +100,21 @@ class FakeBatch(BatchAPI):
 
     async def cancel(self, job_id: str) -> None:
         self.jobs[job_id]["cancelled"] = True
+
+
+@pytest.fixture(autouse=True)
+def _pocketbatch_isolation(monkeypatch, tmp_path_factory, request):
+    """Every test gets its own journal and offline batch folder, never the user's cache: a second run of
+    a test would otherwise reuse the first run's journaled results. A test's own settings still win."""
+    base = tmp_path_factory.getbasetemp() / f"pocketbatch-{request.node.nodeid.__hash__() & 0xFFFFFFFF:08x}"
+    if "POCKETBATCH_JOURNAL" not in os.environ:
+        monkeypatch.setenv("POCKETBATCH_JOURNAL", str(base / "journal.sqlite3"))
+    if "POCKETBATCH_OFFLINE_DIR" not in os.environ:
+        monkeypatch.setenv("POCKETBATCH_OFFLINE_DIR", str(base / "offline"))
+    config.reload()
+    yield
+    monkeypatch.undo()
+    config.reload()
 
 
 @pytest.fixture

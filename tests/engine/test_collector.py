@@ -189,3 +189,17 @@ async def test_outside_parallel_nodes_calls_go_straight_to_the_concurrent_path()
     shared = {}
     await AsyncFlow(start=One()).run_async(shared)
     assert shared["out"].via == "concurrent"
+
+
+async def test_batch_mode_without_a_batch_api_warns_and_runs_concurrently(register_provider, caplog):
+    register_provider(FakeProvider("nobatch"))
+
+    class Fake(Ask):
+        async def exec_async(self, i):
+            return await call_llm_async(f"say {i}", model="nobatch/x")
+
+    with caplog.at_level("INFO", logger="pocketbatch"):
+        out = await run(Fake(mode="batch"), [1, 2])
+    assert {r.via for r in out} == {"concurrent"}
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "nobatch has no batch API" in warning.getMessage()

@@ -209,13 +209,8 @@ class BatchRound:
         ids = [cid for cid, _ in chunk]
         if self.journal is not None:  # before any waiting: a crash from here on re-attaches, never re-submits
             self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids)
-        log.info(
-            "submitted batch job %s with %d request(s) to %s/%s",
-            job_id,
-            len(ids),
-            self.provider.name,
-            self.model,
-        )
+        count = f"{len(ids):,} request{'s' if len(ids) != 1 else ''}"
+        log.info("submitted batch job %s with %s to %s/%s", job_id, count, self.provider.name, self.model)
         await self._follow(job_id, ids, time.time())
 
     async def _follow(self, job_id: str, ids: list[str], submitted_at: float) -> None:

@@ -152,7 +152,8 @@ async def _decide_and_run(group: list[Call]) -> None:
         await batch.run(batch_round, decision)
         return
     events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
-    log.info("%s", decision.reason)
+    asked_for_batch = (group[0].mode or settings().mode) == "batch"
+    log.log(logging.WARNING if asked_for_batch else logging.INFO, "%s", decision.reason)
 
     async def one(call: Call) -> None:
         try:
