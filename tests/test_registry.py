@@ -72,3 +72,8 @@ def test_a_provider_decides_which_names_it_serves(register_provider):
     assert resolve("acme/acme-anything") == (fake, "acme-anything")
     with pytest.raises(ConfigError, match="unknown model 'other'"):
         resolve("acme/other")
+
+
+def test_a_later_registration_of_a_name_wins(register_provider):
+    mine = register_provider(FakeProvider("offline"))
+    assert get_provider("offline") is mine

@@ -29,8 +29,9 @@ def _registered() -> dict[str, Registered]:
     if _providers is None:
         load_plugins()
         providers: dict[str, Registered] = {}
-        # Each plugin's hook is called on its own, so every provider knows the plugin it came from.
-        for impl in reversed(pm.hook.register_providers.get_hookimpls()):
+        # Each plugin's hook is called on its own, so every provider knows the plugin it came from; in
+        # registration order, so a later registration of a name wins (a test's over an installed one).
+        for impl in pm.hook.register_providers.get_hookimpls():
 
             def register(provider: Provider, aliases: tuple[str, ...] = (), _plugin=impl.plugin_name) -> None:
                 if not isinstance(provider, Provider):
