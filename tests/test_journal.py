@@ -264,3 +264,18 @@ def test_ctrl_c_on_a_terminal_asks_and_can_cancel_the_jobs(tmp_path):
     os.close(leader)
     [job] = list((tmp_path / "offline").glob("*.json"))
     assert json.loads(job.read_text())["cancelled"] is not None  # cancelled at the provider, as asked
+
+
+async def test_a_journaled_job_the_provider_lost_runs_concurrently_once(monkeypatch):
+    await run([1, 2, 3])
+    [job] = journal().jobs()
+    journal().set_state(job.job_id, "running")  # as if the run had died before collecting
+    journal().db.execute("DELETE FROM outcomes")
+    for path in OfflineBatch.folder().glob("*.json"):
+        path.unlink()  # the provider forgot the job (deleted, or past its retention)
+    again, reasons = await run([1, 2, 3])
+    assert [f"say {i}" in r for i, r in zip([1, 2, 3], again, strict=True)] == [True] * 3
+    assert {r.via for r in again} == {"concurrent"} and "re-attaching" in reasons[0]
+    assert [j.state for j in journal().jobs()] == ["lost"]
+    third, reasons = await run([1, 2, 3])  # the answers were journaled: no job, no call
+    assert third == again and "reusing 3 results" in reasons[0] and jobs_submitted() == 0

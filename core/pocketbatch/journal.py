@@ -53,7 +53,7 @@ class Job:
     provider: str
     model: str
     custom_ids: list[str]
-    state: str  # running | cancelling | ended (on the provider) | collected (results read) | failed
+    state: str  # running | cancelling | ended (at the provider) | collected (results read) | failed | lost
     submitted_at: float
     ended_at: float | None
     counts: dict[str, int] | None
@@ -92,7 +92,7 @@ class Journal:
             )
 
     def set_state(self, job_id: str, state: str, counts: dict[str, int] | None = None) -> None:
-        ended = time.time() if state in ("ended", "collected", "failed", "cancelled") else None
+        ended = time.time() if state in ("ended", "collected", "failed", "cancelled", "lost") else None
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state = ?, ended_at = COALESCE(ended_at, ?), counts = COALESCE(?, counts)"

@@ -260,6 +260,12 @@ class BatchRound:
                 self._state(job_id, "failed")
                 return None
             except LLMError as e:
+                if e.status == 404 and not e.retryable:
+                    # The provider no longer knows the job (deleted, or past its retention): waiting can
+                    # never end, so its requests run concurrently and the journal stops pointing at it.
+                    log.warning("batch job %s is gone (%s); running its requests concurrently", job_id, e)
+                    self._state(job_id, "lost")
+                    return None
                 if not e.retryable:
                     raise
                 log.info("polling batch job %s failed (%s); polling again", job_id, e)  # never "lost"
