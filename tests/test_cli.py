@@ -123,3 +123,16 @@ def test_real_process_stdin_to_stdout(tmp_path):
 def test_usage_error_is_exit_2():
     code, _, err = invoke("run")
     assert code == 2 and "Missing argument" in err
+
+
+def test_unknown_provider_setting_lists_the_installed_ones(monkeypatch, tmp_path):
+    monkeypatch.setenv("POCKETBATCH_PROVIDER", "nope")
+    src = tmp_path / "in.jsonl"
+    src.write_text('"x"\n')
+    code, _, err = invoke("run", str(src), "-o", "-")
+    assert code == 2 and "unknown provider 'nope'; installed: offline" in err and "Traceback" not in err
+
+
+def test_a_missing_input_file_is_exit_2(tmp_path):
+    code, _, err = invoke("run", str(tmp_path / "absent.jsonl"), "-o", "-")
+    assert code == 2 and "absent.jsonl" in err and "No such file" in err

@@ -203,3 +203,32 @@ async def test_batch_mode_without_a_batch_api_warns_and_runs_concurrently(regist
     assert {r.via for r in out} == {"concurrent"}
     [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "nobatch has no batch API" in warning.getMessage()
+
+
+async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider):
+    started, cancelled = [], []
+
+    class Slow(FakeProvider):
+        async def call_llm_async(self, request):
+            started.append(request)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                cancelled.append(request)
+                raise
+            return await super().call_llm_async(request)
+
+    register_provider(Slow("slow"))
+
+    class AskSlow(Ask):
+        async def exec_async(self, i):
+            return await call_llm_async(f"say {i}", model="slow/x")
+
+    task = asyncio.ensure_future(run(AskSlow(), list(range(5))))
+    while len(started) < 5:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.01)
+    assert len(cancelled) == 5  # no call left running after its node was cancelled
