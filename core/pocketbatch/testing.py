@@ -102,6 +102,59 @@ class FakeBatch(BatchAPI):
         self.jobs[job_id]["cancelled"] = True
 
 
+def respx_mocker() -> str:
+    """The name of a respx mocker that intercepts httpx2, the transport of the openai and anthropic SDKs
+    (plain respx patches httpcore, so it sees nothing): pytest-httpx2's when it is installed, else an
+    equivalent one registered here. Use it as `respx.mock(using=respx_mocker())`."""
+    try:
+        import pytest_httpx2  # noqa: F401  (importing it registers the "httpcore2" mocker)
+
+        return "httpcore2"
+    except ImportError:
+        pass
+    from respx.mocks import HTTPCoreMocker, Mocker
+
+    name = "httpcore2-pocketbatch"
+    if name not in Mocker.registry:
+
+        class _HTTPCore2Mocker(HTTPCoreMocker):  # registers itself with respx under its name
+            name = "httpcore2-pocketbatch"
+            targets = [
+                "httpcore2._sync.connection.HTTPConnection",
+                "httpcore2._sync.connection_pool.ConnectionPool",
+                "httpcore2._sync.http_proxy.HTTPProxy",
+                "httpcore2._async.connection.AsyncHTTPConnection",
+                "httpcore2._async.connection_pool.AsyncConnectionPool",
+                "httpcore2._async.http_proxy.AsyncHTTPProxy",
+            ]
+
+    return name
+
+
+async def ask_each(prompts: list, *, model: str | None = None, **node_options) -> list:
+    """Run one AsyncParallelBatchNode with one call_llm_async per prompt; each item's final error is
+    its result, so a test can check every item: `await ask_each(["a", "b"], model="fake/x", mode="batch")`."""
+    from .flow import AsyncFlow, AsyncParallelBatchNode
+    from .llm import call_llm_async
+
+    class Ask(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return shared["prompts"]
+
+        async def exec_async(self, prompt):
+            return await call_llm_async(prompt, model=model)
+
+        async def exec_fallback_async(self, prompt, exc):
+            return exc
+
+        async def post_async(self, shared, prep_res, exec_res):
+            shared["replies"] = exec_res
+
+    shared = {"prompts": list(prompts)}
+    await AsyncFlow(start=Ask(**node_options)).run_async(shared)
+    return shared["replies"]
+
+
 @pytest.fixture(autouse=True)
 def _pocketbatch_isolation(monkeypatch, tmp_path_factory, request):
     """Every test gets its own journal and offline batch folder, never the user's cache: a second run of

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pocketbatch import config
 from pocketbatch.engine.limits import reset_limiters
 from pocketbatch.engine.retry import RetryPolicy
 from pocketbatch.errors import LLMError, RateLimitError
@@ -140,17 +139,3 @@ def _fresh_limiters():
     reset_limiters()
     yield
     reset_limiters()
-
-
-@pytest.fixture
-def engine_env(monkeypatch):
-    """engine_env(NAME=value, ...) sets POCKETBATCH_* variables for one test and re-reads the settings."""
-
-    def setenv(**variables) -> config.Settings:
-        for name, value in variables.items():
-            monkeypatch.setenv(name, str(value))
-        return config.reload()
-
-    yield setenv
-    monkeypatch.undo()
-    config.reload()

@@ -14,8 +14,8 @@ from pocketbatch.providers import LLMResponse, Usage
 from .conftest import FAST, ServerProvider, requests
 
 
-async def test_every_item_returns_in_order_with_few_429s_when_the_limit_is_configured(engine_env):
-    engine_env(POCKETBATCH_CONF_RPM=str(500 * 60))
+async def test_every_item_returns_in_order_with_few_429s_when_the_limit_is_configured(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_CONF_RPM=str(500 * 60))
     provider = ServerProvider(name="conf", server_rps=500, latency=0.002)
     results = await concurrent.run_all(provider, requests(400), policy=FAST)
     assert [str(r) for r in results] == [f"re: item {i}" for i in range(400)]
@@ -58,8 +58,8 @@ async def test_cost_is_filled_from_prices_when_the_provider_left_it_none():
     assert (await concurrent.call(Own(name="own", prices={"m": (1.0, 2.0)}), requests(1)[0])).cost_usd == 0.5
 
 
-async def test_the_concurrency_cap_bounds_calls_in_flight(engine_env):
-    engine_env(POCKETBATCH_CAP_MAX_CONCURRENCY="3")
+async def test_the_concurrency_cap_bounds_calls_in_flight(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_CAP_MAX_CONCURRENCY="3")
     provider = ServerProvider(name="cap", latency=0.005)
     await concurrent.run_all(provider, requests(30), workers=20)
     assert provider.max_in_flight == 3
@@ -109,8 +109,10 @@ async def test_cancelling_the_caller_cancels_the_calls_in_flight():
     assert provider.in_flight == 0 and provider.cancelled == 9
 
 
-async def test_a_user_ceiling_is_never_exceeded_even_when_the_server_reports_more(engine_env):
-    engine_env(POCKETBATCH_CEIL_RPM=str(200 * 60))  # 200/s, under a server that allows and reports 1000/s
+async def test_a_user_ceiling_is_never_exceeded_even_when_the_server_reports_more(pocketbatch_env):
+    pocketbatch_env(
+        POCKETBATCH_CEIL_RPM=str(200 * 60)
+    )  # 200/s, under a server that allows and reports 1000/s
     provider = ServerProvider(name="ceil", server_rps=1000, report=True)
     limiter = limiter_for(provider, "m")
     rates: list[float] = []

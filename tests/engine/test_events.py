@@ -12,8 +12,8 @@ from pocketbatch.errors import RateLimitError, RequestError, TransientError
 from .conftest import FAST, ServerProvider, requests
 
 
-async def test_a_summary_adds_up_a_run(engine_env):
-    engine_env(POCKETBATCH_MAX_RETRIES="2")
+async def test_a_summary_adds_up_a_run(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_MAX_RETRIES="2")
     fail = {"item 1": RequestError("400", status=400), "item 2": TransientError("503", status=503)}
     provider = ServerProvider(
         name="sum", server_rps=200, burst=2, rpm=200 * 60, fail=fail, prices={"m": (1.0, 1.0)}

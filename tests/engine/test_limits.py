@@ -36,12 +36,12 @@ def test_limiters_are_per_provider_model_and_key(monkeypatch):
     assert "one" not in repr(limits.limiters()) and "two" not in repr(limits.limiters())
 
 
-def test_limits_come_from_the_env_else_the_provider_defaults(engine_env):
+def test_limits_come_from_the_env_else_the_provider_defaults(pocketbatch_env):
     provider = ServerProvider(name="dflt", rpm=600, tpm=0, max_concurrency=3)
     limiter = limiter_for(provider, "m")
     assert limiter.rpm == 600 and limiter.tpm == math.inf and limiter.max_concurrency == 3
     assert limiter.learning() == {"rpm": True, "tpm": True}
-    engine_env(POCKETBATCH_DFLT_RPM="1200", POCKETBATCH_TPM="0", POCKETBATCH_MAX_CONCURRENCY="0")
+    pocketbatch_env(POCKETBATCH_DFLT_RPM="1200", POCKETBATCH_TPM="0", POCKETBATCH_MAX_CONCURRENCY="0")
     limiter = limiter_for(provider, "m")  # reconfigured in place by the new settings
     assert limiter.rpm == 1200 and limiter.tpm == math.inf and limiter.max_concurrency == 0
     assert limiter.learning() == {"rpm": False, "tpm": False}
@@ -178,10 +178,10 @@ def test_reported_limits_set_both_rates_and_a_token_429_slows_tokens():
     assert limiter.rpm == pytest.approx(3000 * limits.HEADER_MARGIN)
 
 
-async def test_a_large_token_acquire_is_not_starved_by_small_ones(engine_env):
+async def test_a_large_token_acquire_is_not_starved_by_small_ones(pocketbatch_env):
     # 1M tokens/s, a 1 s bucket; 10 workers keep asking for 10k-token requests at the full rate. aiolimiter
     # alone serves the smallest acquire first, so a 300k request would wait until the stream stopped.
-    engine_env(POCKETBATCH_STARVE_TPM="60000000", POCKETBATCH_STARVE_RPM="0")
+    pocketbatch_env(POCKETBATCH_STARVE_TPM="60000000", POCKETBATCH_STARVE_RPM="0")
     limiter = limiter_for(ServerProvider(name="starve"), "m")
     order: list[str] = []
     big_done = asyncio.Event()

@@ -15,13 +15,13 @@ SERVER_RPM = 500 * 60
 
 
 @pytest.fixture
-def offline(engine_env):
-    engine_env(POCKETBATCH_OFFLINE_SERVER_RPM=str(SERVER_RPM), POCKETBATCH_OFFLINE_LATENCY="0.002")
+def offline(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_OFFLINE_SERVER_RPM=str(SERVER_RPM), POCKETBATCH_OFFLINE_LATENCY="0.002")
     return OfflineProvider()
 
 
-async def test_configured_limit_loses_nothing_and_draws_almost_no_429s(offline, engine_env):
-    engine_env(POCKETBATCH_OFFLINE_RPM=str(SERVER_RPM))
+async def test_configured_limit_loses_nothing_and_draws_almost_no_429s(offline, pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_OFFLINE_RPM=str(SERVER_RPM))
     with events.summarize() as summary:
         results = await concurrent.run_all(offline, requests(400, model="offline-small"), policy=FAST)
     assert all(isinstance(r, LLMResponse) and "item" in r for r in results)

@@ -47,8 +47,8 @@ async def test_what_is_not_retryable_gets_exactly_one_attempt(error):
     assert raised.value is error and provider.calls == 1
 
 
-async def test_attempts_are_max_retries_and_the_last_error_is_raised_as_itself(engine_env):
-    engine_env(POCKETBATCH_MAX_RETRIES="3")
+async def test_attempts_are_max_retries_and_the_last_error_is_raised_as_itself(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_MAX_RETRIES="3")
     errors = [TransientError(f"503 #{i}", status=503) for i in range(5)]
     provider = Scripted(*errors, name="thrice")
     with pytest.raises(TransientError) as raised:
@@ -65,8 +65,8 @@ async def test_a_retryable_error_then_success_returns_the_response():
     assert response == "re: item 0" and provider.calls == 3
 
 
-async def test_the_retry_layer_is_single_through_the_worker_pool(engine_env):
-    engine_env(POCKETBATCH_MAX_RETRIES="4")
+async def test_the_retry_layer_is_single_through_the_worker_pool(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_MAX_RETRIES="4")
     failing = {f"item {i}": TransientError("500", status=500) for i in range(10)}
     provider = ServerProvider(name="single", fail=failing)
     results = await concurrent.run_all(provider, requests(10), policy=FAST)
@@ -115,8 +115,8 @@ async def test_retry_after_is_honoured_by_the_retry_and_by_everyone_else():
     assert provider.count(429) >= 1  # the case under test did happen
 
 
-async def test_a_call_that_hangs_times_out_as_a_transient_error(engine_env):
-    engine_env(POCKETBATCH_TIMEOUT="0.05", POCKETBATCH_MAX_RETRIES="2")
+async def test_a_call_that_hangs_times_out_as_a_transient_error(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_TIMEOUT="0.05", POCKETBATCH_MAX_RETRIES="2")
     provider = ServerProvider(name="hang", latency=30)
     with pytest.raises(TransientError, match=r"timed out after 0.05s"):
         await concurrent.call(provider, requests(1)[0], policy=FAST)

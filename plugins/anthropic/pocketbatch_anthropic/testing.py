@@ -34,6 +34,8 @@ from typing import Any
 
 import pytest
 
+from pocketbatch.testing import respx_mocker
+
 from .api import ERROR_TYPE_STATUS
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
@@ -163,7 +165,7 @@ class AnthropicEmulator:
         """Mount the emulator with respx until the block ends (the fixture does this for one test)."""
         import respx
 
-        self._mock = respx.mock(using=_mocker(), assert_all_called=False, assert_all_mocked=True)
+        self._mock = respx.mock(using=respx_mocker(), assert_all_called=False, assert_all_mocked=True)
         self.install(self._mock.__enter__())
         return self
 
@@ -475,33 +477,6 @@ class AnthropicEmulator:
             batch.cancel_initiated_at = datetime.now(timezone.utc)
             batch.polls_left = 1  # one retrieve still sees "canceling", as a real cancel takes a while
         return self._response(200, self._batch_body(batch))
-
-
-_LOCAL_MOCKER = "httpcore2-pocketbatch-anthropic"
-
-
-def _mocker() -> str:
-    """The respx mocker for httpcore2: pytest-httpx2's, else a local one (respx alone patches httpcore)."""
-    try:
-        import pytest_httpx2  # noqa: F401  (importing it registers the "httpcore2" mocker)
-    except ImportError:
-        from respx.mocks import HTTPCoreMocker, Mocker
-
-        if _LOCAL_MOCKER not in Mocker.registry:
-
-            class _HTTPCore2Mocker(HTTPCoreMocker):
-                name = _LOCAL_MOCKER
-                targets = [
-                    "httpcore2._sync.connection.HTTPConnection",
-                    "httpcore2._sync.connection_pool.ConnectionPool",
-                    "httpcore2._sync.http_proxy.HTTPProxy",
-                    "httpcore2._async.connection.AsyncHTTPConnection",
-                    "httpcore2._async.connection_pool.AsyncConnectionPool",
-                    "httpcore2._async.http_proxy.AsyncHTTPProxy",
-                ]
-
-        return _LOCAL_MOCKER
-    return "httpcore2"
 
 
 @contextmanager

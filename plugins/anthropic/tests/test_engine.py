@@ -15,6 +15,7 @@ from pocketbatch import (
     get_provider,
 )
 from pocketbatch.engine.limits import reset_limiters
+from pocketbatch.testing import ask_each
 from pocketbatch_anthropic import AnthropicProvider
 
 MODEL = "anthropic/claude-haiku-4-5"
@@ -90,26 +91,8 @@ async def test_a_batch_round_maps_lines_back_and_retries_the_expired_one(anthrop
     assert anthropic_emulator.calls["messages"] == 1
 
 
-class Ask(AsyncParallelBatchNode):
-    """One call per prompt; an item's final error becomes its result, so each item can be checked."""
-
-    async def prep_async(self, shared):
-        return shared["prompts"]
-
-    async def exec_async(self, prompt):
-        return await call_llm_async(prompt, model=MODEL)
-
-    async def exec_fallback_async(self, prompt, exc):
-        return exc
-
-    async def post_async(self, shared, prep_res, exec_res):
-        shared["replies"] = exec_res
-
-
 async def ask(prompts, **node_options):
-    shared = {"prompts": prompts}
-    await AsyncFlow(start=Ask(**node_options)).run_async(shared)
-    return shared["replies"]
+    return await ask_each(prompts, model=MODEL, **node_options)
 
 
 def cost(input_tokens, output_tokens, factor=1.0):

@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from pocketbatch.testing import respx_mocker
+
 BASE_URL = "https://api.openai.com/v1"
 ENDPOINT = "/v1/chat/completions"
 
@@ -186,7 +188,7 @@ class OpenAIEmulator:
         import respx
 
         self._mock = respx.mock(
-            using=_mocker_name(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
+            using=respx_mocker(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
         )
         router = self._mock.__enter__()
         router.route().mock(side_effect=self._handle)
@@ -611,35 +613,6 @@ def _multipart(content_type: str, data: bytes) -> dict[str, tuple[str | None, by
         if name:
             parts[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
     return parts
-
-
-_LOCAL_MOCKER = "httpcore2-pocketbatch-openai"
-
-
-def _mocker_name() -> str:
-    """pytest-httpx2's respx mocker for httpx2, or (without it) an equivalent one defined here."""
-    try:
-        import pytest_httpx2  # noqa: F401  (importing it registers the "httpcore2" mocker)
-
-        return "httpcore2"
-    except ImportError:
-        pass
-    from respx.mocks import HTTPCoreMocker, Mocker
-
-    if _LOCAL_MOCKER not in Mocker.registry:
-
-        class _HTTPCore2Mocker(HTTPCoreMocker):
-            name = _LOCAL_MOCKER
-            targets = [
-                "httpcore2._sync.connection.HTTPConnection",
-                "httpcore2._sync.connection_pool.ConnectionPool",
-                "httpcore2._sync.http_proxy.HTTPProxy",
-                "httpcore2._async.connection.AsyncHTTPConnection",
-                "httpcore2._async.connection_pool.AsyncConnectionPool",
-                "httpcore2._async.http_proxy.AsyncHTTPProxy",
-            ]
-
-    return _LOCAL_MOCKER
 
 
 @pytest.fixture

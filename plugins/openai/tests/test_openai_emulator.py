@@ -197,4 +197,4 @@ def test_runs_without_pytest_httpx2(monkeypatch):
         )
     assert reply.choices[0].message.content == "Echo: hi" and emulator.calls["chat"] == 1
     assert emulator._mock is None
-    assert "httpcore2-pocketbatch-openai" in respx.mocks.Mocker.registry
+    assert "httpcore2-pocketbatch" in respx.mocks.Mocker.registry  # pocketbatch.testing.respx_mocker

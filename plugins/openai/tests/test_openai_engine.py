@@ -8,9 +8,10 @@ from dataclasses import asdict
 
 import pytest
 
-from pocketbatch import AsyncFlow, AsyncParallelBatchNode, RequestError, call_llm_async
+from pocketbatch import RequestError
 from pocketbatch.engine.batch import chunks, custom_ids
 from pocketbatch.providers import LLMRequest, Usage
+from pocketbatch.testing import ask_each
 from pocketbatch_openai import OpenAIProvider
 
 MODEL = "openai/gpt-4o-mini"
@@ -24,26 +25,8 @@ def provider(openai_emulator, register_provider, pocketbatch_env, monkeypatch):
     return register_provider(OpenAIProvider(client_options={"_strict_response_validation": True}))
 
 
-class Ask(AsyncParallelBatchNode):
-    """One call per prompt; an item's final error becomes its result, so each item can be checked."""
-
-    async def prep_async(self, shared):
-        return shared["prompts"]
-
-    async def exec_async(self, prompt):
-        return await call_llm_async(prompt, model=MODEL)
-
-    async def exec_fallback_async(self, prompt, exc):
-        return exc
-
-    async def post_async(self, shared, prep_res, exec_res):
-        shared["replies"] = exec_res
-
-
 async def ask(prompts, **node_options):
-    shared = {"prompts": prompts}
-    await AsyncFlow(start=Ask(**node_options)).run_async(shared)
-    return shared["replies"]
+    return await ask_each(prompts, model=MODEL, **node_options)
 
 
 def cost(input_tokens, output_tokens, factor=1.0):
