@@ -56,3 +56,9 @@ def test_zero_thresholds_always_batch():
 def test_unpriced_models_have_no_cost_but_still_decide():
     d = choose(requests(200), FakeProvider(batch=True), SETTINGS, concurrent_seconds=1)
     assert d.mode == "batch" and d.concurrent_cost is None and d.batch_cost is None
+
+
+def test_the_cost_estimate_uses_what_replies_have_used_so_far():
+    guess = choose(requests(100), OfflineProvider(), SETTINGS, concurrent_seconds=1)
+    learned = choose(requests(100), OfflineProvider(), SETTINGS, concurrent_seconds=1, output_tokens=16)
+    assert learned.concurrent_cost < guess.concurrent_cost / 5

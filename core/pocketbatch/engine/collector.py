@@ -146,6 +146,7 @@ async def _decide_and_run(group: list[Call]) -> None:
         settings(),
         concurrent_seconds=limiter.seconds_for(len(group), tokens),
         mode=group[0].mode,
+        output_tokens=limiter.typical_output_tokens,
     )
     batch_round = batch.BatchRound.of(provider, group) if provider.batch else None
     if batch_round and (decision.mode == "batch" or batch_round.known()):

@@ -285,6 +285,11 @@ class Limiter:
             seconds = max(seconds, tokens / self._tpm.rate)
         return seconds + max(0.0, self.paused_until - time.monotonic())
 
+    @property
+    def typical_output_tokens(self) -> float:
+        """What a reply to this model has used so far (TYPICAL before the first one)."""
+        return self._output_tokens
+
     def estimate_tokens(self, request: LLMRequest) -> int:
         """Tokens this request will count against TPM: the prompt at ~4 chars a token (corrected by
         what usage reported so far) plus max_tokens, or the typical output when it is unset."""

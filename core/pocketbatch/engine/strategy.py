@@ -21,10 +21,11 @@ class Decision:
     batch_cost: float | None
 
 
-def estimate_tokens(request: LLMRequest) -> tuple[int, int]:
-    """(input, output) tokens a request is expected to use: about 4 characters a token."""
+def estimate_tokens(request: LLMRequest, output_tokens: float = TYPICAL_OUTPUT_TOKENS) -> tuple[int, int]:
+    """(input, output) tokens a request is expected to use: about 4 characters a token, and its
+    max_tokens or else `output_tokens` (what replies to the model have used so far) for the reply."""
     chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
-    return chars // 4 + 1, request.max_tokens or TYPICAL_OUTPUT_TOKENS
+    return chars // 4 + 1, request.max_tokens or round(output_tokens)
 
 
 def choose(
@@ -34,11 +35,12 @@ def choose(
     *,
     concurrent_seconds: float,
     mode: str | None = None,
+    output_tokens: float = TYPICAL_OUTPUT_TOKENS,
 ) -> Decision:
     """mode (the node's, else POCKETBATCH_MODE) "concurrent", "batch" or "auto"; the reason says why."""
     mode = mode or settings.mode
     n = len(group)
-    tokens = [estimate_tokens(r) for r in group]
+    tokens = [estimate_tokens(r, output_tokens) for r in group]
     inp, out = sum(t[0] for t in tokens), sum(t[1] for t in tokens)
     model = group[0].model
     full = _cost(provider, model, inp, out, 1.0)
