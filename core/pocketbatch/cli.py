@@ -44,7 +44,7 @@ def providers(as_json: bool) -> None:
         rows.append(
             {
                 "name": p.name,
-                "plugin": dist.metadata["Name"] if dist else entry.plugin,
+                "plugin": dist.metadata["Name"] if dist else _builtin_or(entry.plugin),
                 "version": dist.version if dist else metadata.version("pocketbatch"),
                 "default_model": p.default_model,
                 "models": list(p.models),
@@ -63,6 +63,10 @@ def providers(as_json: bool) -> None:
         key = f"{r['key_env_var']} ({r['key']})" if r["key_env_var"] else "not needed"
         table.add_row(r["name"], f"{r['plugin']} {r['version']}", models, key, "yes" if r["batch"] else "no")
     Console().print(table)
+
+
+def _builtin_or(plugin: str) -> str:
+    return "pocketbatch (built in)" if plugin in DEFAULT_PLUGINS else plugin
 
 
 @cli.command()
