@@ -37,12 +37,19 @@ def register_providers(register):
 """
 
 
-def pocketbatch(*args, site: Path | None = None, **env) -> subprocess.CompletedProcess:
+def pocketbatch(
+    *args, site: Path | None = None, stdin: str | None = None, **env
+) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
     environ["PYTHONPATH"] = str(site or "")
     environ.update(env)
     return subprocess.run(
-        [str(BIN / "pocketbatch"), *args], capture_output=True, text=True, env=environ, timeout=60
+        [str(BIN / "pocketbatch"), *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
     )
 
 
@@ -65,6 +72,11 @@ def test_pip_installed_plugin_is_listed_with_its_distribution_and_version(site):
     reverse = next(r for r in rows if r["name"] == "reverse")
     assert (reverse["plugin"], reverse["version"]) == ("pocketbatch-reverse", "0.1.0")
     assert "offline" in {r["name"] for r in rows}  # built-ins always load
+    used = pocketbatch(
+        "run", "-", "-o", "-", "--model", "reverse/reverse-words", site=site, stdin='"one two three"\n'
+    )
+    assert used.returncode == 0, used.stderr
+    assert json.loads(used.stdout)["text"] == "three two one"
 
 
 def test_allow_list_hides_what_it_does_not_name(site):
