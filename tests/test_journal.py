@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
 from pocketbatch.journal import Journal, decode, encode, journal
+from pocketbatch.testing import FakeBatch, FakeProvider, ask_each
 
 BIN = Path(sys.executable).parent / "pocketbatch"
 
@@ -279,3 +281,34 @@ async def test_a_journaled_job_the_provider_lost_runs_concurrently_once(monkeypa
     assert [j.state for j in journal().jobs()] == ["lost"]
     third, reasons = await run([1, 2, 3])  # the answers were journaled: no job, no call
     assert third == again and "reusing 3 results" in reasons[0] and jobs_submitted() == 0
+
+
+async def test_two_runs_of_the_same_round_at_once_submit_one_job(register_provider):
+    class SlowToAccept(FakeBatch):
+        async def submit(self, items):
+            await asyncio.sleep(0.05)  # an upload takes time: the other run could slip in meanwhile
+            return await super().submit(items)
+
+    fake = register_provider(FakeProvider("slow", batch=True))
+    fake.batch = SlowToAccept(fake)
+    first, second = await asyncio.gather(
+        ask_each(["a", "b", "c"], model="slow/m", mode="batch"),
+        ask_each(["a", "b", "c"], model="slow/m", mode="batch"),
+    )
+    assert first == second == ["reply to a", "reply to b", "reply to c"]
+    assert len(fake.batch.jobs) == 1  # the second run waited for the lease and re-attached
+
+
+def test_a_lease_left_by_a_dead_process_does_not_hold(tmp_path):
+    store = Journal(tmp_path / "j.sqlite3")
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    here = socket.gethostname()
+    store.db.execute(
+        "INSERT INTO leases VALUES ('r', ?, ?)", (f"{here}:{gone.stdout.strip()}:x", time.time())
+    )
+    assert store.acquire("r", "elsewhere:1:y")  # its process is gone: the lease is free
+    assert not store.acquire("r", f"{here}:{os.getpid()}:z")  # a live holder (elsewhere:1) holds it
+    store.release("r", "elsewhere:1:y")
+    assert store.acquire("r", f"{here}:{os.getpid()}:z")

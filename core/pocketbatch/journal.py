@@ -8,9 +8,12 @@ known. Only hashes, ids, states and outcomes are kept: never a key, never a prom
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +37,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     counts TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_round ON jobs (round);
+CREATE TABLE IF NOT EXISTS leases (
+    round TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    since REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outcomes (
     round TEXT NOT NULL,
     custom_id TEXT NOT NULL,
@@ -100,6 +108,20 @@ class Journal:
                 (state, ended, json.dumps(counts) if counts is not None else None, job_id),
             )
 
+    def acquire(self, round: str, holder: str) -> bool:
+        """Take the round's lease (who may submit its jobs) unless a live holder has it: so two runs of
+        the same round at once submit once, and the second re-attaches to the first one's jobs."""
+        with self._tx() as db:
+            row = db.execute("SELECT holder, since FROM leases WHERE round = ?", (round,)).fetchone()
+            if row and row[0] != holder and not _stale(*row):
+                return False
+            db.execute("INSERT OR REPLACE INTO leases VALUES (?, ?, ?)", (round, holder, time.time()))
+            return True
+
+    def release(self, round: str, holder: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM leases WHERE round = ? AND holder = ?", (round, holder))
+
     def jobs(self, round: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", ()
         if round is not None:
@@ -124,6 +146,23 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+
+def lease_holder() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _stale(holder: str, since: float) -> bool:
+    """A lease whose process is gone (on this host), or older than an hour, no longer holds."""
+    host, pid, _ = holder.split(":", 2)
+    if host == socket.gethostname():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            pass
+    return time.time() - since > 3600
 
 
 def _job(row: tuple) -> Job:

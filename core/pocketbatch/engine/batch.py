@@ -18,8 +18,8 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -164,7 +164,40 @@ class BatchRound:
         return bool(self.journal.jobs(self.key)) or bool(self.journal.outcomes(self.key))
 
     async def run(self, decision: Decision) -> None:
-        reused, attached = self._from_journal()
+        async with self._lease():
+            reused, attached = self._from_journal()
+            self._announce(decision, reused, attached)
+            for cid, outcome in reused.items():
+                self._settle(cid, outcome, record=False)
+            taken = set(reused).union(*(job.custom_ids for job in attached))
+            fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
+            submitted = await asyncio.gather(
+                *(self._submit(c) for c in chunks(self.provider, fresh, self.sizes))
+            )
+        # Every job of the round is in the journal now: another run of it may go and re-attach.
+        jobs = [(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
+        jobs += [job for done, _ in submitted for job in done]
+        rejected = [cid for _, ids in submitted for cid in ids]
+        await asyncio.gather(*(self._follow(*job) for job in jobs), self._concurrently(rejected))
+
+    @asynccontextmanager
+    async def _lease(self) -> AsyncIterator[None]:
+        """Hold the round's lease in the journal while deciding what to submit and submitting it."""
+        if self.journal is None or not self.settings.reuse:
+            yield
+            return
+        holder, waiting = journals.lease_holder(), False
+        while not self.journal.acquire(self.key, holder):
+            if not waiting:
+                log.info("another run is submitting this round's batch jobs; waiting to re-attach to them")
+                waiting = True
+            await asyncio.sleep(self.settings.poll_interval)
+        try:
+            yield
+        finally:
+            self.journal.release(self.key, holder)
+
+    def _announce(self, decision: Decision, reused: dict, attached: list) -> None:
         notes = []
         if decision.mode != "batch":
             notes.append("the journal has this round's batch jobs: going back to them, not paying twice")
@@ -180,13 +213,6 @@ class BatchRound:
             decision=replace(decision, mode="batch", reason=reason),
         )
         log.info("%s", reason)
-        for cid, outcome in reused.items():
-            self._settle(cid, outcome, record=False)
-        taken = set(reused).union(*(job.custom_ids for job in attached))
-        fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
-        work = [self._follow(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
-        work += [self._submit(chunk) for chunk in chunks(self.provider, fresh, self.sizes)]
-        await asyncio.gather(*work)
 
     def _from_journal(self):
         if self.journal is None or not self.settings.reuse:
@@ -199,7 +225,11 @@ class BatchRound:
         ]
         return reused, attached
 
-    async def _submit(self, chunk: list[tuple[str, LLMRequest]]) -> None:
+    async def _submit(
+        self, chunk: list[tuple[str, LLMRequest]]
+    ) -> tuple[list[tuple[str, list[str], float]], list[str]]:
+        """Submit a chunk as one job (two halves when the provider says it is too large): the jobs
+        submitted, as (job_id, custom_ids, submitted_at), and the ids of requests to run concurrently."""
         assert self.api is not None
 
         async def submit() -> str:
@@ -210,25 +240,25 @@ class BatchRound:
         except BatchError as e:
             if e.status == 413 and len(chunk) > 1:  # over the provider's exact limit: halve and try again
                 half = len(chunk) // 2
-                await asyncio.gather(self._submit(chunk[:half]), self._submit(chunk[half:]))
-                return
+                (a, ra), (b, rb) = await asyncio.gather(
+                    self._submit(chunk[:half]), self._submit(chunk[half:])
+                )
+                return a + b, ra + rb
             log.warning(
                 "batch job of %d requests was rejected (%s); running them concurrently", len(chunk), e
             )
-            await self._concurrently([cid for cid, _ in chunk])
-            return
+            return [], [cid for cid, _ in chunk]
         except LLMError as e:
             log.warning(
                 "could not submit a batch job of %d requests (%s); running them concurrently", len(chunk), e
             )
-            await self._concurrently([cid for cid, _ in chunk])
-            return
+            return [], [cid for cid, _ in chunk]
         ids = [cid for cid, _ in chunk]
         if self.journal is not None:  # before any waiting: a crash from here on re-attaches, never re-submits
             self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids)
         count = f"{len(ids):,} request{'s' if len(ids) != 1 else ''}"
         log.info("submitted batch job %s with %s to %s/%s", job_id, count, self.provider.name, self.model)
-        await self._follow(job_id, ids, time.time())
+        return [(job_id, ids, time.time())], []
 
     async def _follow(self, job_id: str, ids: list[str], submitted_at: float) -> None:
         assert self.api is not None
