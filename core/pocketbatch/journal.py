@@ -122,6 +122,14 @@ class Journal:
         with self._tx() as db:
             db.execute("DELETE FROM leases WHERE round = ? AND holder = ?", (round, holder))
 
+    def knows(self, round: str) -> bool:
+        """Whether any job or outcome of this round is recorded."""
+        query = (
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE round = ?)"
+            " OR EXISTS (SELECT 1 FROM outcomes WHERE round = ?)"
+        )
+        return bool(self._read(query, (round, round))[0][0])
+
     def jobs(self, round: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", ()
         if round is not None:

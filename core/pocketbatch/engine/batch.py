@@ -105,6 +105,11 @@ def _as_asdict_would(value: Any) -> Any:
     return str(value)
 
 
+def may_know_rounds() -> bool:
+    """Whether a journal is there to consult for earlier runs of a round (on, and reuse not turned off)."""
+    return settings().reuse and journals.journal() is not None
+
+
 def chunks(
     provider: Provider,
     items: list[tuple[str, LLMRequest]],
@@ -159,9 +164,7 @@ class BatchRound:
 
     def known(self) -> bool:
         """True when the journal has this round: it goes back to its jobs, whatever the choice says."""
-        if self.journal is None or not self.settings.reuse:
-            return False
-        return bool(self.journal.jobs(self.key)) or bool(self.journal.outcomes(self.key))
+        return self.journal is not None and self.settings.reuse and self.journal.knows(self.key)
 
     async def run(self, decision: Decision) -> None:
         async with self._lease():

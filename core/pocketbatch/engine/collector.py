@@ -148,10 +148,12 @@ async def _decide_and_run(group: list[Call]) -> None:
         mode=group[0].mode,
         output_tokens=limiter.typical_output_tokens,
     )
-    batch_round = batch.BatchRound.of(provider, group) if provider.batch else None
-    if batch_round and (decision.mode == "batch" or batch_round.known()):
-        await batch.run(batch_round, decision)
-        return
+    if provider.batch and (decision.mode == "batch" or batch.may_know_rounds()):
+        # Hashing every request is only worth it for the batch path or a journal that may know the round.
+        batch_round = batch.BatchRound.of(provider, group)
+        if decision.mode == "batch" or batch_round.known():
+            await batch.run(batch_round, decision)
+            return
     events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
     asked_for_batch = (group[0].mode or settings().mode) == "batch"
     log.log(logging.WARNING if asked_for_batch else logging.INFO, "%s", decision.reason)
