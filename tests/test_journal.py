@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketbatch import AsyncFlow, AsyncParallelBatchNode, LLMResponse, RequestError, Usage, call_llm_async
+from pocketbatch import LLMResponse, RequestError, Usage
 from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
@@ -35,22 +35,11 @@ def jobs_submitted():
     return len(list(OfflineBatch.folder().glob("*.json")))
 
 
-class Ask(AsyncParallelBatchNode):
-    async def prep_async(self, shared):
-        return shared["items"]
-
-    async def exec_async(self, item):
-        return await call_llm_async(f"say {item}")
-
-    async def post_async(self, shared, prep_res, exec_res):
-        shared["out"] = exec_res
-
-
 async def run(items):
-    shared = {"items": items}
+    """Each item asks "say <item>" in one parallel node; the replies and the round's decision lines."""
     with events.summarize() as summary:
-        await AsyncFlow(start=Ask()).run_async(shared)
-    return shared["out"], [d.reason for d in summary.decisions]
+        out = await ask_each([f"say {item}" for item in items])
+    return out, [d.reason for d in summary.decisions]
 
 
 def test_outcomes_round_trip_through_json():
