@@ -141,6 +141,13 @@ def same_model(name: str, base: str) -> bool:
     return name == base or (name.startswith(base) and _SNAPSHOT.fullmatch(name[len(base) :]) is not None)
 
 
+def usd(usage: Usage, price: tuple[float, float] | None, factor: float = 1.0) -> float | None:
+    """What usage costs at a price in USD per million (input, output) tokens; None without a price."""
+    if price is None:
+        return None
+    return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) * factor / 1_000_000
+
+
 class Provider:
     """Subclass it, set the class attributes, implement call_llm_async, and register an instance."""
 
@@ -183,10 +190,7 @@ class Provider:
 
     def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:
         """USD for usage at this provider's prices, times factor (the batch discount); None if unpriced."""
-        price = self.price(model)
-        if price is None:
-            return None
-        return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) * factor / 1_000_000
+        return usd(usage, self.price(model), factor)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

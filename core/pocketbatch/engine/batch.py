@@ -27,7 +27,7 @@ from typing import Any
 from .. import journal as journals
 from ..config import settings
 from ..errors import BatchError, LLMError
-from ..providers import LLMRequest, LLMResponse, Provider, Usage
+from ..providers import LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
 from .retry import with_retries
@@ -369,14 +369,7 @@ class BatchRound:
         # key for each of a round's lines cost more than parsing the line did.
         if model not in self._prices:
             self._prices[model] = self.provider.price(model)
-        price = self._prices[model]
-        if price is None:
-            return None
-        return (
-            (usage.input_tokens * price[0] + usage.output_tokens * price[1])
-            * self.api.price_factor
-            / 1_000_000
-        )
+        return usd(usage, self._prices[model], self.api.price_factor)
 
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:

@@ -59,10 +59,6 @@ def listen(callback: Listener) -> Iterator[Listener]:
         _listeners.reset(token)
 
 
-def listening() -> bool:
-    return bool(_listeners.get())
-
-
 def emit(kind: str, provider: str, model: str, **fields: Any) -> None:
     """Tell the current listeners; a listener that raises is logged and never fails the call."""
     listeners = _listeners.get()
