@@ -1,64 +1,81 @@
-"""Calls against a server-side rate limit: how many items each way loses, how many 429s it draws, and what
-share of the limit it achieves.
+"""Calls against a server-side rate limit, measured as users run them: how many items each way loses, how
+many 429s it draws, what share of the limit it achieves and how soon its first request goes out.
 
-    .venv/bin/python bench/ratelimit.py                   # 500 calls, 50 req/s, every case and contestant
-    .venv/bin/python bench/ratelimit.py --calls 1000 --rate 100 --only pocketbatch
+    .venv/bin/python bench/ratelimit.py                       # every scenario, 500 calls at 50 req/s
+    .venv/bin/python bench/ratelimit.py --only node --scenario configured
+    .venv/bin/python bench/ratelimit.py --breakdown           # also the engine alone (run_all, in-process)
 
-Servers: an in-process fake provider (only the engine is measured) and a loopback HTTP server on
-127.0.0.1 speaking the OpenAI chat completions API (token bucket of `--rate` a second, burst 5, 50 ms
-latency, 429 with `retry-after-ms`; with `x-ratelimit-*` headers in the "headers" case).
+Each contestant runs in a fresh interpreter (bench/user_flow.py): the seed's AsyncParallelBatchNode whose
+exec_async awaits `call_llm_async(prompt)`, with POCKETBATCH_MODE=concurrent and the provider's SDK pointed
+at a loopback server through its own base-URL variable; the clock runs from the flow's start to its end.
+Peers in the same run: LangChain's `.abatch` with `InMemoryRateLimiter`, LiteLLM's `Router`, both given
+0.95 of the limit, and pocketflow 0.0.3's node calling the SDK directly.
 
-Cases: the limit configured (POCKETBATCH_<PROVIDER>_RPM = the server's limit); nothing configured and the
-server reporting its limit in headers; nothing configured and no headers (learning from 429s alone).
-Without configuration pocketbatch starts from the provider's default (500 RPM, OpenAI's tier 1).
+The server (bench/servers.py) runs in its own process on 127.0.0.1: a token bucket of `--rate` a second,
+burst 5, 50 ms a call, 429 beyond with the API's retry header; it speaks the OpenAI chat completions API
+or the Anthropic messages API, with or without that API's rate-limit headers.
 
-Contestants on the loopback server (each with a fresh SDK client):
-- pocketbatch: `engine.concurrent.run_all` through the pocketbatch-openai plugin's OpenAIProvider (its
-  SDK client has max_retries=0: the engine is the only retry layer);
-- pocketflow: pocketflow 0.0.3's AsyncParallelBatchNode (plain gather) calling `AsyncOpenAI` with the SDK's
-  default retries (2); `exec_fallback_async` returns the error, so a failed item is counted as lost
-  instead of failing the node (which would lose all of them);
-- semaphore: the LangChain-style `asyncio.Semaphore(16)` + gather, `AsyncOpenAI` with default retries.
+The breakdown runs `engine.concurrent.run_all` in this (warm) process against an in-process fake provider:
+the engine without start-up, SDK or HTTP, for comparison with the user's path, never as the headline.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # the SDK's httpx honours proxy variables
-sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")  # the SDKs' httpx honours proxy variables
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
 
-import openai
-import pocketflow
-from servers import FakeServerProvider, LoopbackOpenAI
+from servers import FakeServerProvider, LoopbackServer  # noqa: E402
 
-from pocketbatch import config
-from pocketbatch.engine import concurrent, events
-from pocketbatch.engine.limits import limiter_for, reset_limiters
-from pocketbatch.providers import LLMRequest
 
-CASES = ("configured", "headers", "429s")
-MODEL = "gpt-4o-mini"
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    flavor: str  # "openai" | "anthropic"
+    configured: bool  # POCKETBATCH_<PROVIDER>_RPM at 0.95 of the server's limit
+    headers: bool  # the server reports its limit in the API's rate-limit headers
+    calls_factor: int  # times --calls
+    contestants: tuple[str, ...]
+
+
+PEERS = ("langchain", "litellm", "pocketflow")
+SCENARIOS = (
+    Scenario("configured", "openai", True, False, 1, ("node", "two-flows", "batch-flow", *PEERS)),
+    Scenario("headers", "openai", False, True, 1, ("node", "batch-flow")),
+    Scenario("429s", "openai", False, False, 2, ("node", "two-flows", "batch-flow")),
+    Scenario("configured", "anthropic", True, False, 1, ("node", "langchain", "litellm")),
+    Scenario("headers", "anthropic", False, True, 1, ("node",)),
+)
+CASE_TEXT = {
+    "configured": "limit configured (0.95)",
+    "headers": "nothing configured, rate-limit headers",
+    "429s": "nothing configured, no headers",
+}
 
 
 @dataclass
 class Row:
-    server: str
-    case: str
+    scenario: Scenario
     contestant: str
     calls: int
     lost: int
     requests: int
     rate_limited: int
     seconds: float
-    ok_per_second: float
+    ok: int
     limit: float
+    first_request_ms: float | None
     learned_rpm: float | None = None
 
     @property
@@ -67,151 +84,116 @@ class Row:
 
     @property
     def of_limit(self) -> float:
-        return self.ok_per_second / self.limit
+        return self.ok / self.seconds / self.limit
 
 
-def prompts(n: int) -> list[str]:
-    return [f"Summarize item {i} in one word." for i in range(n)]
+def child_env(scenario: Scenario, server: LoopbackServer, rate: float, journal: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("POCKETBATCH_") and not k.endswith(("_API_KEY", "_BASE_URL"))
+    }
+    prefix = scenario.flavor.upper()
+    env[f"{prefix}_API_KEY"] = "sk-bench"
+    env[f"{prefix}_BASE_URL"] = server.base_url
+    env["POCKETBATCH_MODE"] = "concurrent"
+    env["POCKETBATCH_JOURNAL"] = journal
+    if scenario.configured:
+        env[f"POCKETBATCH_{prefix}_RPM"] = str(round(0.95 * rate * 60))
+    env["LITELLM_LOG"] = "ERROR"
+    return env
 
 
-def set_case(case: str, provider_name: str, rate: float) -> None:
-    for name in [n for n in os.environ if n.startswith("POCKETBATCH_")]:
-        del os.environ[name]
-    if case == "configured":
-        os.environ[f"POCKETBATCH_{provider_name.upper()}_RPM"] = str(round(rate * 60))
-    config.reload()
-    reset_limiters()  # every case learns from the provider's default, as a fresh process would
-
-
-async def run_pocketbatch(provider, n: int, model: str) -> tuple[int, float, float]:
-    requests = [LLMRequest([{"role": "user", "content": p}], model, max_tokens=16) for p in prompts(n)]
-    start = time.perf_counter()
-    with events.summarize() as summary:
-        results = await concurrent.run_all(provider, requests)
-    seconds = time.perf_counter() - start
-    lost = sum(1 for r in results if isinstance(r, Exception))
-    assert summary.ok == n - lost
-    if hasattr(provider, "client"):  # the plugin's SDK client for this loop: close it before the loop ends
-        await provider.client().close()
-    return lost, seconds, limiter_for(provider, model).rpm
-
-
-async def run_pocketflow(base_url: str, n: int) -> tuple[int, float]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench")  # SDK default: 2 retries
-
-    class Ask(pocketflow.AsyncParallelBatchNode):
-        async def prep_async(self, shared):
-            return shared["prompts"]
-
-        async def exec_async(self, prompt):
-            r = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=16
-            )
-            return r.choices[0].message.content
-
-        async def exec_fallback_async(self, prep_res, exc):
-            return exc
-
-        async def post_async(self, shared, prep_res, exec_res):
-            shared["out"] = exec_res
-
-    shared = {"prompts": prompts(n)}
-    start = time.perf_counter()
-    await pocketflow.AsyncFlow(start=Ask()).run_async(shared)
-    seconds = time.perf_counter() - start
-    await client.close()
-    return sum(1 for r in shared["out"] if isinstance(r, Exception)), seconds
-
-
-async def run_semaphore(base_url: str, n: int, limit: int = 16) -> tuple[int, float]:
-    client = openai.AsyncOpenAI(base_url=base_url, api_key="sk-bench")
-    semaphore = asyncio.Semaphore(limit)
-
-    async def one(prompt: str):
-        async with semaphore:
-            r = await client.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=16
-            )
-            return r.choices[0].message.content
-
-    start = time.perf_counter()
-    out = await asyncio.gather(*(one(p) for p in prompts(n)), return_exceptions=True)
-    seconds = time.perf_counter() - start
-    await client.close()
-    return sum(1 for r in out if isinstance(r, BaseException)), seconds
-
-
-def fake_rows(args) -> list[Row]:
-    rows = []
-    for case in CASES:
-        set_case(case, FakeServerProvider.name, args.rate)
-        provider = FakeServerProvider(args.rate, latency=args.latency, headers=case != "429s")
-        lost, seconds, learned = asyncio.run(run_pocketbatch(provider, args.calls, "fake"))
-        b = provider.books
-        rows.append(
-            Row(
-                "in-process",
-                case,
-                "pocketbatch",
-                args.calls,
-                lost,
-                b.requests,
-                b.rate_limited,
-                seconds,
-                b.ok / seconds,
-                args.rate,
-                learned,
-            )
-        )
-        print(_line(rows[-1]), flush=True)
-    return rows
-
-
-def loopback_rows(args) -> list[Row]:
-    from pocketbatch_openai import OpenAIProvider
-
-    rows = []
-    os.environ["OPENAI_API_KEY"] = "sk-bench"
-    for case in CASES:
-        with LoopbackOpenAI(args.rate, latency=args.latency, headers=case == "headers") as server:
-            os.environ["OPENAI_BASE_URL"] = server.base_url
-            for contestant in args.only or ("pocketbatch", "pocketflow", "semaphore"):
-                server.reset()
-                time.sleep(0.5)  # the server's bucket is full again, as after a quiet period
-                learned = None
-                if contestant == "pocketbatch":
-                    set_case(case, OpenAIProvider.name, args.rate)
-                    lost, seconds, learned = asyncio.run(run_pocketbatch(OpenAIProvider(), args.calls, MODEL))
-                elif contestant == "pocketflow":
-                    lost, seconds = asyncio.run(run_pocketflow(server.base_url, args.calls))
-                else:
-                    lost, seconds = asyncio.run(run_semaphore(server.base_url, args.calls))
-                s = server.stats()
-                rows.append(
-                    Row(
-                        "loopback HTTP",
-                        case,
-                        contestant,
-                        args.calls,
-                        lost,
-                        s["requests"],
-                        s["rate_limited"],
-                        seconds,
-                        s["ok"] / seconds,
-                        args.rate,
-                        learned,
-                    )
-                )
-                print(_line(rows[-1]), flush=True)
-    return rows
+def run_contestant(scenario: Scenario, contestant: str, server: LoopbackServer, args, calls: int) -> Row:
+    server.reset()
+    time.sleep(0.5)  # the server's bucket is full again, as after a quiet period
+    with tempfile.TemporaryDirectory() as tmp:
+        env = child_env(scenario, server, args.rate, str(Path(tmp) / "journal.sqlite3"))
+        command = [sys.executable, str(HERE / "user_flow.py"), contestant, "--calls", str(calls)]
+        command += ["--rate", str(args.rate), "--flavor", scenario.flavor]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise SystemExit(f"{contestant} failed:\n{done.stderr[-3000:]}")
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    s = server.stats()
+    first = (s["first_at"] - out["started_at"]) * 1000 if s["first_at"] else None
+    return Row(
+        scenario,
+        contestant,
+        calls,
+        out["lost"],
+        s["requests"],
+        s["rate_limited"],
+        out["seconds"],
+        s["ok"],
+        args.rate,
+        first,
+        out["learned_rpm"],
+    )
 
 
 def _line(r: Row) -> str:
-    learned = f"{r.learned_rpm:,.0f}" if r.learned_rpm is not None else "-"
+    first = f"{r.first_request_ms:.0f} ms" if r.first_request_ms is not None else "-"
     return (
-        f"| {r.server} | {r.case} | {r.contestant} | {r.lost}/{r.calls} | {r.rate_limited} "
-        f"({r.share_429:.1%}) | {r.of_limit:.2f} | {r.seconds:.1f} s | {learned} |"
+        f"| {r.scenario.flavor} | {CASE_TEXT[r.scenario.name]} | {r.contestant} | {r.lost}/{r.calls} | "
+        f"{r.rate_limited} ({r.share_429:.1%}) | **{r.of_limit:.2f}** | {first} | {r.seconds:.1f} s |"
     )
+
+
+def user_rows(args) -> list[Row]:
+    rows = []
+    for scenario in SCENARIOS:
+        if args.scenario and scenario.name not in args.scenario:
+            continue
+        if args.flavor and scenario.flavor != args.flavor:
+            continue
+        contestants = [c for c in scenario.contestants if not args.only or c in args.only]
+        if not contestants:
+            continue
+        with LoopbackServer(
+            args.rate, flavor=scenario.flavor, latency=args.latency, headers=scenario.headers
+        ) as server:
+            for contestant in contestants:
+                row = run_contestant(scenario, contestant, server, args, args.calls * scenario.calls_factor)
+                rows.append(row)
+                print(_line(row), flush=True)
+    return rows
+
+
+# -- the breakdown: the engine alone, in this process --------------------------------------------------
+
+
+def breakdown(args) -> None:
+    from pocketbatch import config
+    from pocketbatch.engine import concurrent
+    from pocketbatch.engine.limits import limiter_for, reset_limiters
+    from pocketbatch.providers import LLMRequest
+
+    print("\nBreakdown: engine.concurrent.run_all in a warm process, in-process fake provider (no HTTP)")
+    print("| case | lost | 429s (% of requests) | ok rate / limit | time | learned RPM |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for case in ("configured", "headers", "429s"):
+        for name in [n for n in os.environ if n.startswith("POCKETBATCH_")]:
+            del os.environ[name]
+        if case == "configured":
+            os.environ["POCKETBATCH_BENCHFAKE_RPM"] = str(round(0.95 * args.rate * 60))
+        config.reload()
+        reset_limiters()
+        provider = FakeServerProvider(args.rate, latency=args.latency, headers=case == "headers")
+        requests = [
+            LLMRequest([{"role": "user", "content": f"Summarize item {i}."}], "fake")
+            for i in range(args.calls)
+        ]
+        start = time.perf_counter()
+        results = asyncio.run(concurrent.run_all(provider, requests))
+        seconds = time.perf_counter() - start
+        b = provider.books
+        lost = sum(1 for r in results if isinstance(r, Exception))
+        share = b.rate_limited / b.requests
+        print(
+            f"| {CASE_TEXT[case]} | {lost}/{args.calls} | {b.rate_limited} ({share:.1%}) | "
+            f"{b.ok / seconds / args.rate:.2f} | {seconds:.1f} s | {limiter_for(provider, 'fake').rpm:,.0f} |"
+        )
 
 
 def main() -> None:
@@ -219,21 +201,27 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--rate", type=float, default=50.0, help="the server's limit, requests a second")
     parser.add_argument("--latency", type=float, default=0.05, help="seconds a call takes once admitted")
-    parser.add_argument("--only", nargs="*", choices=("pocketbatch", "pocketflow", "semaphore"))
-    parser.add_argument("--server", choices=("both", "fake", "loopback"), default="both")
+    parser.add_argument("--only", nargs="*", help="contestants: node two-flows batch-flow " + " ".join(PEERS))
+    parser.add_argument("--scenario", nargs="*", choices=tuple(CASE_TEXT))
+    parser.add_argument("--flavor", choices=("openai", "anthropic"))
+    parser.add_argument("--breakdown", action="store_true", help="also the engine alone, in-process")
     args = parser.parse_args()
+    import anthropic
+    import openai
+
     print(
-        f"{args.calls} calls against a limit of {args.rate:g} req/s ({args.rate * 60:,.0f} RPM), burst 5, "
-        f"{args.latency * 1000:.0f} ms latency; Python {sys.version.split()[0]}, openai {openai.__version__}"
+        f"{args.calls} calls (1,000 without headers or configuration) against a limit of {args.rate:g} req/s "
+        f"({args.rate * 60:,.0f} RPM), burst 5, {args.latency * 1000:.0f} ms a call; each contestant a fresh "
+        f"process; Python {sys.version.split()[0]}, openai {openai.__version__}, "
+        f"anthropic {anthropic.__version__}"
     )
     print(
-        "| server | case | contestant | lost | 429s (% of requests) | ok rate / limit | time | learned RPM |"
+        "| API | case | contestant | lost | 429s (% of requests) | ok rate / limit | first request | time |"
     )
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    if args.server in ("both", "fake"):
-        fake_rows(args)
-    if args.server in ("both", "loopback"):
-        loopback_rows(args)
+    user_rows(args)
+    if args.breakdown:
+        breakdown(args)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import multiprocessing
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 from pocketbatch.errors import RateLimitError
 from pocketbatch.providers import LLMRequest, LLMResponse, Provider, RateLimits, Usage
@@ -49,9 +50,17 @@ class Books:
     rate_limited: int = 0
     ok: int = 0
     ok_times: list[float] = field(default_factory=list)
+    first_at: float | None = (
+        None  # time.time() of the first request (wall clock: the client is another process)
+    )
 
     def as_dict(self) -> dict:
-        return {"requests": self.requests, "rate_limited": self.rate_limited, "ok": self.ok}
+        return {
+            "requests": self.requests,
+            "rate_limited": self.rate_limited,
+            "ok": self.ok,
+            "first_at": self.first_at,
+        }
 
 
 class FakeServerProvider(Provider):
@@ -92,15 +101,25 @@ class FakeServerProvider(Provider):
         )
 
 
-# -- the loopback OpenAI-compatible server ----------------------------------------------------------------
+# -- the loopback server: the OpenAI chat completions API or the Anthropic messages API -------------------
 
 
 def _go_duration(seconds: float) -> str:
     return f"{max(0, math.ceil(seconds * 1000))}ms"
 
 
-class _OpenAIServer:
-    def __init__(self, rate: float, burst: float, latency: float, headers: bool, max_requests: int):
+def _rfc3339(seconds_from_now: float) -> str:
+    when = datetime.now(timezone.utc) + timedelta(seconds=seconds_from_now)
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Server:
+    """One rate-limited chat endpoint. `flavor` "openai" serves POST .../chat/completions with
+    `x-ratelimit-*` headers and `retry-after-ms` on a 429; "anthropic" serves POST /v1/messages with
+    `anthropic-ratelimit-*` headers and a whole-second `retry-after`, as each API does."""
+
+    def __init__(self, flavor, rate, burst, latency, headers, max_requests):
+        self.flavor = flavor
         self.bucket = TokenBucket(rate, burst)
         self.rate, self.burst, self.latency, self.headers = rate, burst, latency, headers
         self.max_requests = max_requests
@@ -112,10 +131,24 @@ class _OpenAIServer:
             return {}
         b = self.bucket
         b.refill()
+        limit, remaining, reset = round(self.rate * 60), int(b.level), (b.burst - b.level) / b.rate
+        if self.flavor == "anthropic":
+            # tokens are not limited by this server; it reports roomy token buckets as Anthropic reports all
+            return {
+                "anthropic-ratelimit-requests-limit": str(limit),
+                "anthropic-ratelimit-requests-remaining": str(remaining),
+                "anthropic-ratelimit-requests-reset": _rfc3339(reset),
+                "anthropic-ratelimit-input-tokens-limit": "10000000",
+                "anthropic-ratelimit-input-tokens-remaining": "10000000",
+                "anthropic-ratelimit-input-tokens-reset": _rfc3339(0),
+                "anthropic-ratelimit-output-tokens-limit": "10000000",
+                "anthropic-ratelimit-output-tokens-remaining": "10000000",
+                "anthropic-ratelimit-output-tokens-reset": _rfc3339(0),
+            }
         return {
-            "x-ratelimit-limit-requests": str(round(self.rate * 60)),
-            "x-ratelimit-remaining-requests": str(int(b.level)),
-            "x-ratelimit-reset-requests": _go_duration((b.burst - b.level) / b.rate),
+            "x-ratelimit-limit-requests": str(limit),
+            "x-ratelimit-remaining-requests": str(remaining),
+            "x-ratelimit-reset-requests": _go_duration(reset),
             # tokens are not limited by this server; it reports a roomy limit as OpenAI reports both
             "x-ratelimit-limit-tokens": "10000000",
             "x-ratelimit-remaining-tokens": "10000000",
@@ -135,7 +168,7 @@ class _OpenAIServer:
                     if name.strip().lower() == "content-length":
                         length = int(value.strip())
                 body = await reader.readexactly(length) if length else b""
-                status, payload, headers = await self.respond(method, path, body)
+                status, payload, headers = await self.respond(method, path.split("?")[0], body)
                 data = json.dumps(payload).encode()
                 head = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Too Many Requests'}"]
                 head += [f"{k}: {v}" for k, v in headers.items()]
@@ -154,30 +187,54 @@ class _OpenAIServer:
             self.books = Books()
             self.bucket = TokenBucket(self.rate, self.burst)
             return 200, {}, {}
-        if not path.endswith("/chat/completions") or method != "POST":
+        route = "/v1/messages" if self.flavor == "anthropic" else "/chat/completions"
+        if not path.endswith(route) or method != "POST":
             return 404, {"error": {"message": f"no route {method} {path}"}}, {}
         self.books.requests += 1
+        if self.books.first_at is None:
+            self.books.first_at = time.time()
         if self.books.requests >= self.max_requests:
             self.done.set()  # a runaway client cannot keep it busy for ever
         request = json.loads(body)
         wait = self.bucket.admit()
         if wait is not None:
             self.books.rate_limited += 1
-            headers = {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))}
-            error = {
-                "message": f"Rate limit reached: {round(self.rate * 60)} requests per min. "
-                f"Please try again in {wait * 1000:.0f}ms.",
-                "type": "requests",
-                "param": None,
-                "code": "rate_limit_exceeded",
-            }
-            return 429, {"error": error}, headers | self.ratelimit_headers()
+            return 429, *self.too_many(wait)
         headers = self.ratelimit_headers()
         await asyncio.sleep(self.latency)
         self.books.ok += 1
         self.books.ok_times.append(time.monotonic())
-        completion = {
-            "id": f"chatcmpl-{self.books.requests}",
+        return 200, self.reply(request), headers
+
+    def too_many(self, wait: float) -> tuple[dict, dict[str, str]]:
+        message = f"Rate limit reached: {round(self.rate * 60)} requests per min."
+        if self.flavor == "anthropic":
+            error = {"type": "error", "error": {"type": "rate_limit_error", "message": message}}
+            return error, {"retry-after": str(math.ceil(wait))} | self.ratelimit_headers()
+        headers = {"retry-after-ms": str(math.ceil(wait * 1000)), "retry-after": str(math.ceil(wait))}
+        error = {
+            "message": f"{message} Please try again in {wait * 1000:.0f}ms.",
+            "type": "requests",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+        return {"error": error}, headers | self.ratelimit_headers()
+
+    def reply(self, request: dict) -> dict:
+        n = self.books.requests
+        if self.flavor == "anthropic":
+            return {
+                "id": f"msg_{n:06d}",
+                "type": "message",
+                "role": "assistant",
+                "model": request.get("model", "claude-haiku-4-5"),
+                "content": [{"type": "text", "text": "ok"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 10, "output_tokens": 1},
+            }
+        return {
+            "id": f"chatcmpl-{n}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": request.get("model", "gpt-4o-mini"),
@@ -191,12 +248,11 @@ class _OpenAIServer:
             ],
             "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11},
         }
-        return 200, completion, headers
 
 
-def _serve(port_pipe, rate, burst, latency, headers, max_seconds, max_requests) -> None:
+def _serve(port_pipe, flavor, rate, burst, latency, headers, max_seconds, max_requests) -> None:
     async def main() -> None:
-        app = _OpenAIServer(rate, burst, latency, headers, max_requests)
+        app = _Server(flavor, rate, burst, latency, headers, max_requests)
         server = await asyncio.start_server(app.handle, "127.0.0.1", 0, backlog=2048)
         port_pipe.send(server.sockets[0].getsockname()[1])
         port_pipe.close()
@@ -209,24 +265,27 @@ def _serve(port_pipe, rate, burst, latency, headers, max_seconds, max_requests) 
     asyncio.run(main())
 
 
-class LoopbackOpenAI:
-    """`with LoopbackOpenAI(rate=50) as server:` a chat completions server at `server.base_url`."""
+class LoopbackServer:
+    """`with LoopbackServer(rate=50) as server:` a chat server on 127.0.0.1 at `server.base_url`, in its
+    own process (it shares neither the client's event loop nor its interpreter lock)."""
 
     def __init__(
         self,
         rate: float = 50,
         *,
+        flavor: str = "openai",
         burst: float = 5,
         latency: float = 0.05,
         headers: bool = False,
         max_seconds: float = 900,
         max_requests: int = 200_000,
     ) -> None:
-        self.args = (rate, burst, latency, headers, max_seconds, max_requests)
+        self.flavor = flavor
+        self.args = (flavor, rate, burst, latency, headers, max_seconds, max_requests)
         self.process: multiprocessing.Process | None = None
         self.port = 0
 
-    def __enter__(self) -> LoopbackOpenAI:
+    def __enter__(self) -> LoopbackServer:
         ctx = multiprocessing.get_context("spawn")
         receive, send = ctx.Pipe(duplex=False)
         self.process = ctx.Process(target=_serve, args=(send, *self.args), daemon=True)
@@ -243,7 +302,9 @@ class LoopbackOpenAI:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        """What the SDK's base-URL variable takes: OpenAI's ends in /v1, Anthropic's SDK adds it."""
+        root = f"http://127.0.0.1:{self.port}"
+        return root if self.flavor == "anthropic" else f"{root}/v1"
 
     def _get(self, path: str) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:

@@ -112,3 +112,85 @@ def test_trace_plugins_prints_hook_calls(site):
     write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
     result = pocketbatch("providers", "--json", site=site, POCKETBATCH_TRACE_PLUGINS="1")
     assert "register_providers" in result.stderr
+
+
+ON_LOOP = """
+import asyncio
+import time
+
+from pocketbatch import LLMResponse, Provider, hookimpl
+
+try:
+    asyncio.get_running_loop()
+    IMPORTED_ON_A_LOOP = True
+except RuntimeError:
+    IMPORTED_ON_A_LOOP = False
+time.sleep(0.2)  # an SDK that takes its time to import
+
+class Waiting(Provider):
+    name = "waiting"
+    default_model = "w1"
+    async def call_llm_async(self, request):
+        return LLMResponse("waited", provider="waiting", model=request.model)
+
+@hookimpl
+def register_providers(register):
+    register(Waiting())
+"""
+
+
+def python(code: str, site: Path, *, under_pytest: bool) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    if not under_pytest:
+        environ.pop("PYTEST_VERSION", None)  # a user's script: pytest sets it for everything it starts
+    environ["PYTHONPATH"] = str(site)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=60
+    )
+
+
+def test_plugins_load_when_pocketbatch_is_imported_not_inside_the_first_flow(site):
+    write_plugin(site, "pocketbatch-waiting", "waiting_plugin", ON_LOOP)
+    code = (
+        "import asyncio, sys\n"
+        "import pocketbatch\n"
+        "assert 'waiting_plugin' in sys.modules, 'not loaded at import'\n"
+        "r = asyncio.run(pocketbatch.call_llm_async('hi', model='waiting/w1'))\n"
+        "import waiting_plugin\n"
+        "print(waiting_plugin.IMPORTED_ON_A_LOOP, r)\n"
+    )
+    done = python(code, site, under_pytest=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "waited"]
+
+
+def test_under_pytest_plugins_stay_lazy_so_a_test_suite_decides_what_loads(site):
+    write_plugin(site, "pocketbatch-waiting", "waiting_plugin", ON_LOOP)
+    done = python("import sys, pocketbatch; print('waiting_plugin' in sys.modules)", site, under_pytest=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_many_threads_asking_for_a_provider_at_once_all_find_it(site):
+    # The first lookups race the one load of the plugins: each thread must wait for it, not see an empty
+    # registry ("installed providers: " with nothing after it).
+    write_plugin(site, "pocketbatch-waiting", "waiting_plugin", ON_LOOP)
+    code = (
+        "import asyncio, threading, pocketbatch\n"
+        "out, start = [], threading.Barrier(16)\n"
+        "def ask(i):\n"
+        "    start.wait()\n"
+        "    try:\n"
+        "        if i % 2:  # sync calls share one loop thread; async ones run each on their own loop\n"
+        "            out.append(str(pocketbatch.call_llm('hi', model='waiting/w1')))\n"
+        "        else:\n"
+        "            out.append(str(asyncio.run(pocketbatch.call_llm_async('hi', model='waiting/w1'))))\n"
+        "    except Exception as e:\n"
+        "        out.append(repr(e))\n"
+        "threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(sorted(set(out)))\n"
+    )
+    done = python(code, site, under_pytest=True)  # lazy: the threads' first calls load the plugins
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['waited']"

@@ -130,6 +130,11 @@ class Journal:
         )
         return bool(self._read(query, (round, round))[0][0])
 
+    def has_jobs(self, provider: str, model: str) -> bool:
+        """Whether any batch job to this provider's model is recorded."""
+        query = "SELECT EXISTS (SELECT 1 FROM jobs WHERE provider = ? AND model = ?)"
+        return bool(self._read(query, (provider, model))[0][0])
+
     def jobs(self, round: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", ()
         if round is not None:

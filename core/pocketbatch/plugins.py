@@ -1,6 +1,7 @@
 import importlib
 import os
 import sys
+import threading
 from importlib import metadata
 
 import pluggy
@@ -14,6 +15,7 @@ pm = pluggy.PluginManager("pocketbatch")
 pm.add_hookspecs(hookspecs)
 
 _loaded = False
+_lock = threading.RLock()  # one load; a thread that asks meanwhile waits for it instead of seeing none
 load_errors: dict[str, str] = {}  # plugin name -> why it could not be loaded
 distributions: dict[str, metadata.Distribution] = {}  # plugin name -> the distribution it came from
 
@@ -22,7 +24,13 @@ def load_plugins() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
+    with _lock:
+        if not _loaded:
+            _load_all()
+            _loaded = True  # only once check_pending passed: a misspelt hook fails every time it is asked
+
+
+def _load_all() -> None:
     allow = os.environ.get("POCKETBATCH_LOAD_PLUGINS")
     if allow is None and not hasattr(sys, "_called_from_test"):
         for ep in metadata.entry_points(group="pocketbatch"):

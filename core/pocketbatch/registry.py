@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from dataclasses import dataclass
 
 from .config import settings
@@ -22,31 +23,39 @@ class Registered:
 _providers: dict[str, Registered] | None = None
 _aliases: dict[str, str] = {}
 _announced = False
+_lock = threading.Lock()  # the first lookups may come from several threads at once
 
 
 def _registered() -> dict[str, Registered]:
+    providers = _providers
+    if providers is not None:
+        return providers
+    with _lock:
+        return _providers if _providers is not None else _register()
+
+
+def _register() -> dict[str, Registered]:
     global _providers
-    if _providers is None:
-        load_plugins()
-        providers: dict[str, Registered] = {}
-        # Each plugin's hook is called on its own, so every provider knows the plugin it came from; in
-        # registration order, so a later registration of a name wins (a test's over an installed one).
-        for impl in pm.hook.register_providers.get_hookimpls():
+    load_plugins()
+    providers: dict[str, Registered] = {}
+    # Each plugin's hook is called on its own, so every provider knows the plugin it came from; in
+    # registration order, so a later registration of a name wins (a test's over an installed one).
+    for impl in pm.hook.register_providers.get_hookimpls():
 
-            def register(provider: Provider, aliases: tuple[str, ...] = (), _plugin=impl.plugin_name) -> None:
-                if not isinstance(provider, Provider):
-                    raise TypeError(f"plugin {_plugin!r} registered {provider!r}, which is not a Provider")
-                providers[provider.name] = Registered(provider, _plugin, tuple(aliases))
-                trace(f"register_providers: {_plugin} registered {provider.name!r}, aliases {list(aliases)}")
+        def register(provider: Provider, aliases: tuple[str, ...] = (), _plugin=impl.plugin_name) -> None:
+            if not isinstance(provider, Provider):
+                raise TypeError(f"plugin {_plugin!r} registered {provider!r}, which is not a Provider")
+            providers[provider.name] = Registered(provider, _plugin, tuple(aliases))
+            trace(f"register_providers: {_plugin} registered {provider.name!r}, aliases {list(aliases)}")
 
-            trace(f"calling register_providers of {impl.plugin_name}")
-            impl.function(**{name: register for name in impl.argnames})
-        _aliases.clear()
-        for entry in providers.values():
-            for alias in entry.aliases:
-                _aliases.setdefault(alias, entry.provider.name)
-        _providers = providers
-    return _providers
+        trace(f"calling register_providers of {impl.plugin_name}")
+        impl.function(**{name: register for name in impl.argnames})
+    _aliases.clear()
+    for entry in providers.values():
+        for alias in entry.aliases:
+            _aliases.setdefault(alias, entry.provider.name)
+    _providers = providers
+    return providers
 
 
 def reset() -> None:

@@ -205,7 +205,8 @@ async def test_batch_mode_without_a_batch_api_warns_and_runs_concurrently(regist
     assert "nobatch has no batch API" in warning.getMessage()
 
 
-async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider):
+async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_SLOW_RPM=0, POCKETBATCH_SLOW_TPM=0)  # unlimited: all five go at once
     started, cancelled = [], []
 
     class Slow(FakeProvider):

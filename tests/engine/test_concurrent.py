@@ -91,7 +91,8 @@ async def until(condition) -> None:
     await asyncio.wait_for(poll(), timeout=30)
 
 
-async def test_cancelling_the_caller_cancels_the_calls_in_flight():
+async def test_cancelling_the_caller_cancels_the_calls_in_flight(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_CANCEL_RPM=0, POCKETBATCH_CANCEL_TPM=0)  # unlimited: eight go at once
     provider = ServerProvider(name="cancel", latency=60)
     run = asyncio.ensure_future(concurrent.run_all(provider, requests(100), workers=8))
     await until(lambda: provider.in_flight == 8)

@@ -103,6 +103,42 @@ def test_slow_start_from_the_default_then_one_decrease_per_episode():
     assert steps[-1] == pytest.approx(steps[0] * 2 ** ((len(steps) - 1) / limits.PROBE_DOUBLING))
 
 
+def test_slow_start_that_overshoots_resumes_just_under_what_the_provider_admitted():
+    rate = _Rate(configured=None, default=600, now=0.0)
+    t = 0.0
+    while rate.rate < 40:  # doubling from 10/s past a limit of 25/s
+        t += rate.round_seconds()
+        rate.queued = True
+        rate.grow(t)
+    # one decrease lands under the limit, where DECREASE alone would take several 429s to get there
+    assert rate.decrease(now=t, sent_at=t, observed=rate.rate, admitted=25)
+    assert not rate.slow_start and rate.anchor == 25 and rate.rate == pytest.approx(limits.RECOVER_TO * 25)
+
+
+def test_429s_again_near_the_same_rate_make_the_probe_slower():
+    def probe_step(rate: _Rate, t: float) -> float:
+        while rate.rate < limits.RECOVER_TO * rate.anchor - 1e-9:  # recover first
+            t += rate.round_seconds()
+            rate.queued = True
+            rate.grow(t)
+        before = rate.rate
+        rate.queued = True
+        rate.grow(t + rate.round_seconds())
+        return rate.rate - before
+
+    rate = _Rate(configured=None, default=1200, now=0.0)
+    rate.slow_start = False
+    assert rate.decrease(now=1.0, sent_at=1.0, observed=20)  # the first 429 at 20/s
+    first = probe_step(rate, 1.0)
+    rate.rate = 20.5  # the probe reached the same limit again
+    assert rate.decrease(now=9.0, sent_at=9.0, observed=20)
+    assert rate.confirmed == 1
+    assert probe_step(rate, 9.0) == pytest.approx(first / 2, rel=0.05)
+    rate.rate = 40  # far from it: the limit moved, probe at full speed again
+    assert rate.decrease(now=20.0, sent_at=20.0, observed=40)
+    assert rate.confirmed == 0
+
+
 def test_a_reported_limit_is_learned_at_once_with_a_margin():
     rate = _Rate(configured=None, default=600, now=0.0)
     assert rate.reported(3000)
@@ -202,3 +238,57 @@ async def test_a_large_token_acquire_is_not_starved_by_small_ones(pocketbatch_en
     await asyncio.gather(big(), *(small() for _ in range(10)))
     overtaken = order.index("big") - order.index("big asks") - 1
     assert overtaken <= 10 + 2  # only the small requests already queued when it asked (FIFO)
+
+
+async def test_a_429_before_the_first_answer_pauses_but_is_not_taken_for_the_limit():
+    # Nothing configured: the provider's default (600 RPM) is only a guess. A 429 for a request sent before
+    # anything came back says the window was full (a start-up burst, another client), not what rate fits.
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
+    early = await limiter.acquire(_request())
+    limiter.on_error(RateLimitError("429", status=429, retry_after=0.01), early)
+    assert limiter.rpm == 600 and limiter.paused_until > 0
+    limiter.release(early)
+    later = await limiter.acquire(_request())  # sent after that first answer: its 429 is about this rate
+    sending_at = limiter.rpm
+    limiter.on_error(RateLimitError("429", status=429, retry_after=0.0), later)
+    assert limiter.rpm == pytest.approx(sending_at * limits.DECREASE)
+
+
+async def test_a_configured_limit_ignores_a_429_of_its_first_requests_too():
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(rpm=3000), Limits(600, 0, 0))
+    first = await limiter.acquire(_request())
+    limiter.on_error(RateLimitError("429", status=429, retry_after=0.0), first)
+    assert limiter.rpm == 3000
+
+
+async def test_a_learning_limiter_sends_a_small_first_wave_and_the_rest_after_the_first_answer():
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(0, 0, 0))  # unlimited by default, learned
+    waiting = [asyncio.ensure_future(limiter.acquire(_request())) for _ in range(10)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    first_wave = [w for w in waiting if w.done()]
+    assert len(first_wave) == limits.FIRST_WAVE
+    limiter.release(first_wave[0].result())  # a place freed without an answer (a timeout): one more goes
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert sum(w.done() for w in waiting) == limits.FIRST_WAVE + 1
+    limiter.on_response(LLMResponse("ok"), first_wave[1].result())  # the first answer: the wave is over
+    tickets = await asyncio.wait_for(asyncio.gather(*waiting), timeout=5)
+    assert len(tickets) == 10
+
+
+async def test_a_configured_limiter_has_no_first_wave():
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0), Limits(600, 0, 0))
+    tickets = await asyncio.wait_for(
+        asyncio.gather(*(limiter.acquire(_request()) for _ in range(10))), timeout=5
+    )
+    assert len(tickets) == 10
+
+
+async def test_a_bucket_starts_paced_not_with_a_burst():
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(rpm=60), Limits(0, 0, 0))  # one a second
+    first = await limiter.acquire(_request())
+    second = asyncio.ensure_future(limiter.acquire(_request()))
+    await asyncio.sleep(0.05)
+    assert first and not second.done()  # a fresh bucket has room for one request, not BURST of them
+    second.cancel()

@@ -105,9 +105,12 @@ def _as_asdict_would(value: Any) -> Any:
     return str(value)
 
 
-def may_know_rounds() -> bool:
-    """Whether a journal is there to consult for earlier runs of a round (on, and reuse not turned off)."""
-    return settings().reuse and journals.journal() is not None
+def may_know_rounds(provider: str, model: str) -> bool:
+    """Whether the journal may hold an earlier run of a round to this model: it is on, reuse is not
+    turned off, and some batch job of the model is recorded (one query, so a concurrent round hashes its
+    requests only when there is something to find)."""
+    journal = journals.journal()
+    return settings().reuse and journal is not None and journal.has_jobs(provider, model)
 
 
 def chunks(

@@ -148,7 +148,9 @@ async def _decide_and_run(group: list[Call]) -> None:
         mode=group[0].mode,
         output_tokens=limiter.typical_output_tokens,
     )
-    if provider.batch and (decision.mode == "batch" or batch.may_know_rounds()):
+    if provider.batch and (
+        decision.mode == "batch" or batch.may_know_rounds(provider.name, requests[0].model)
+    ):
         # Hashing every request is only worth it for the batch path or a journal that may know the round.
         batch_round = batch.BatchRound.of(provider, group)
         if decision.mode == "batch" or batch_round.known():

@@ -13,6 +13,14 @@ How a limit moves (one `_Rate` per dimension, in units per second):
   while callers queue on the bucket), then on a 429 a multiplicative decrease, and additive increase:
   quick back to just under the rate where the 429 came, then a slow probe past it.
 - a 429 decreases the rate in every case but "unlimited", so the engine slows below any ceiling too.
+
+How a limiter starts, so that its first requests tell it something before many are sent:
+- its bucket starts paced: one request at once, then the rate (a burst at t=0 adds to whatever the
+  start-up of the first calls delays, and the server sees them arrive together);
+- while a limit is being learned, at most FIRST_WAVE requests are in flight until the first answer comes
+  back, with the provider's rate-limit headers if it sends them;
+- a 429 for a request sent before the first answer arrived pauses, but says nothing about the rate the
+  limiter will send at, so it is not taken for the limit.
 """
 
 from __future__ import annotations
@@ -53,8 +61,11 @@ RECOVER_TO = 0.95  # quick additive recovery up to this fraction of the rate tha
 RECOVER_STEP = 0.05  # ... at this fraction of that rate per round,
 PROBE_STEP = 0.005  # then a slow probe beyond it, per round, ...
 PROBE_DOUBLING = 8  # ... whose step doubles every this many rounds without a 429 (the limit may have
-#                     moved, or the first guess was far too low: growth turns exponential again)
+#                     moved, or the first guess was far too low: growth turns exponential again) ...
+CONFIRM_BAND = 0.1  # ... and halves each time a 429 comes within this fraction of the last one's rate:
+MAX_CONFIRMED = 3  #  the limit is where it was, so each probe past it costs a 429 and buys nothing
 HEADER_MARGIN = 0.98  # a reported limit is used at this fraction: clock skew, requests of other processes
+FIRST_WAVE = BURST  # requests in flight before a learning limiter's first answer
 DEFAULT_PAUSE = 0.5  # pause after a 429 that gave no Retry-After (the SDKs' first backoff)
 # A Retry-After is the earliest moment the server has room for one request: resume a little after it,
 # or timer and clock rounding make the first request back another 429.
@@ -92,6 +103,7 @@ class Ticket:
     chars: int  # characters of the prompt, to reconcile the estimate with reported usage
     output_guess: bool  # the estimate guessed the output (max_tokens was unset)
     semaphore: asyncio.Semaphore | None
+    first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
 
 
 class _Rate:
@@ -100,6 +112,7 @@ class _Rate:
     __slots__ = (
         "anchor",
         "cap",
+        "confirmed",
         "decreased_at",
         "grown_at",
         "learn",
@@ -124,6 +137,7 @@ class _Rate:
         self.grown_at = now
         self.queued = False  # a caller waited on this bucket since the last growth step
         self.probing = 0.0  # rounds spent probing past the anchor since the last decrease
+        self.confirmed = 0  # 429s in a row near the same anchor: the limit is where it was, probe slower
 
     @property
     def fixed_unlimited(self) -> bool:
@@ -150,19 +164,29 @@ class _Rate:
             rate = min(RECOVER_TO * anchor, self.rate + RECOVER_STEP * anchor * rounds)
         else:
             self.probing += rounds
-            rate = self.rate + PROBE_STEP * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
+            step = PROBE_STEP / 2 ** min(self.confirmed, MAX_CONFIRMED)
+            rate = self.rate + step * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
         self.rate = min(rate, self.cap)
         return True
 
-    def decrease(self, now: float, sent_at: float, observed: float) -> bool:
+    def decrease(self, now: float, sent_at: float, observed: float, admitted: float | None = None) -> bool:
         """React to a 429 once per congestion episode; `observed` is the recent send rate, used when
-        the rate was unlimited. True when the rate changed."""
+        the rate was unlimited; `admitted` the rate of answers the provider gave over the last round, the
+        best estimate of the limit that slow start has just overshot. True when the rate changed."""
         if self.fixed_unlimited or sent_at < self.decreased_at:
             return False  # sent before the last decrease: that episode is already answered
         if self.rate == INF:
             # Nothing to scale down from: start below what was actually sent, and slow-start from there.
             self.rate = max(observed / 2, 1 / 60)
+        elif self.slow_start and admitted:
+            # Doubling overshot: the previous round's rate was fine and the provider admitted about its
+            # limit this round. Resume just under that instead of shrinking by DECREASE several times.
+            self.anchor = min(self.rate, max(admitted, self.rate / 2))
+            self.rate = max(RECOVER_TO * self.anchor, 1 / 60)
+            self.slow_start = False
         else:
+            near = self.anchor < INF and abs(self.rate - self.anchor) <= CONFIRM_BAND * self.anchor
+            self.confirmed = self.confirmed + 1 if near else 0
             self.anchor = self.rate
             self.rate = max(self.rate * DECREASE, 1 / 60)
             self.slow_start = False
@@ -196,8 +220,12 @@ class _Bucket(AsyncLimiter):
 
     __slots__ = ("version",)
 
-    def __init__(self, rate: float, capacity: float, version: int) -> None:
+    def __init__(self, rate: float, capacity: float, version: int, *, paced: bool = False) -> None:
         super().__init__(capacity, capacity / rate)
+        if paced:
+            # One request now, not a burst of `capacity` (made inside acquire, so a loop runs; aiolimiter's
+            # own start time is 0, which would drain this level at the first check).
+            self._level, self._last_check = capacity - 1, asyncio.get_running_loop().time()
         self.version = version
 
     def set_rate(self, rate: float, capacity: float, version: int) -> None:
@@ -217,14 +245,26 @@ class _Bucket(AsyncLimiter):
 class _LoopState:
     """The asyncio objects of one limiter in one event loop."""
 
-    __slots__ = ("concurrency", "rpm", "semaphore", "tpm", "tpm_lock")
+    __slots__ = ("concurrency", "loop", "rpm", "semaphore", "tpm", "tpm_lock", "wave", "wave_waiters")
 
-    def __init__(self, concurrency: int) -> None:
+    def __init__(self, concurrency: int, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
         self.rpm: _Bucket | None = None
         self.tpm: _Bucket | None = None
         self.tpm_lock = asyncio.Lock()  # FIFO: aiolimiter serves small acquires first (notes §5)
         self.concurrency = concurrency
         self.semaphore = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+        self.wave = 0  # requests of the first wave in flight
+        self.wave_waiters: deque[asyncio.Future] = deque()  # callers waiting for a place in it
+
+    def wake(self, everyone: bool) -> None:
+        """Let the next caller waiting for the first wave try again (all of them once it is over)."""
+        while self.wave_waiters:
+            waiter = self.wave_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                if not everyone:
+                    return
 
 
 def _rpm_capacity(rate: float) -> float:
@@ -244,7 +284,9 @@ class Limiter:
             weakref.WeakKeyDictionary()
         )
         self.paused_until = 0.0
+        self.answered_at: float | None = None  # time.monotonic() of the first answer from the provider
         self._sends: deque[float] = deque(maxlen=4096)  # recent send times, for the observed rate
+        self._oks: deque[float] = deque(maxlen=4096)  # recent answer times, for the admitted rate
         self._input_factor = 1.0  # reported input tokens / (chars / 4), a running average
         self._output_tokens = float(DEFAULT_OUTPUT_TOKENS)
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
@@ -306,7 +348,7 @@ class Limiter:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None or state.concurrency != self.max_concurrency:
-            state = self._loops[loop] = _LoopState(self.max_concurrency)
+            state = self._loops[loop] = _LoopState(self.max_concurrency, loop)
         return state
 
     def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:
@@ -320,7 +362,7 @@ class Limiter:
             return None
         capacity = _rpm_capacity(rate) if which == "rpm" else _tpm_capacity(rate)
         if bucket is None:
-            bucket = _Bucket(rate, capacity, self._version)
+            bucket = _Bucket(rate, capacity, self._version, paced=which == "rpm")
             setattr(state, which, bucket)
         elif bucket.version != self._version:
             bucket.set_rate(rate, capacity, self._version)
@@ -341,16 +383,24 @@ class Limiter:
             await asyncio.sleep(delay)
 
     async def acquire(self, request: LLMRequest) -> Ticket:
-        """Wait for a concurrency slot, the end of any pause, a request and the request's tokens."""
+        """Wait for a concurrency slot, the first wave's answer, the end of any pause, a request and the
+        request's tokens."""
         state = self._state()
         semaphore = state.semaphore
         if semaphore is not None:
             await semaphore.acquire()
+        first_wave = None
         try:
+            if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
+                first_wave = await self._join_first_wave(state)
             chars = _chars(request)
             tokens = self._estimate(chars, request.max_tokens)
             while True:
                 await self._wait_pause()
+                # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
+                # and requests it let out while they then waited for tokens would leave together.
+                if self._bucket(state, "tpm") is not None:
+                    await self._acquire_tokens(state, tokens)
                 rpm = self._bucket(state, "rpm")
                 if rpm is not None and not rpm.has_capacity(1):
                     await rpm.acquire(1)
@@ -359,8 +409,6 @@ class Limiter:
                     self._rpm.queued = True
                 elif rpm is not None:
                     await rpm.acquire(1)
-                if self._bucket(state, "tpm") is not None:
-                    await self._acquire_tokens(state, tokens)
                 if self.paused_until <= time.monotonic():
                     break
                 # A 429 paused the limiter while this caller waited in a bucket: going now would add to
@@ -368,13 +416,37 @@ class Limiter:
         except BaseException:
             if semaphore is not None:
                 semaphore.release()
+            if first_wave is not None:
+                self._leave_first_wave(first_wave)
             raise
         now = time.monotonic()
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
-        if self._rpm.grow(now) | self._tpm.grow(now):
-            self._changed()
-        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore)
+        if self.answered_at is not None and self._rpm.grow(now) | self._tpm.grow(now):
+            self._changed()  # no growth before the first answer: nothing is known about the rate yet
+        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave)
+
+    async def _join_first_wave(self, state: _LoopState) -> _LoopState | None:
+        """A place among the first FIRST_WAVE requests, or None once the first answer is in: until then a
+        limiter that learns knows nothing of the rate, and the answers (their headers, or a 429) will."""
+        while self.answered_at is None:
+            if state.wave < FIRST_WAVE:
+                state.wave += 1
+                return state
+            waiter = state.loop.create_future()
+            state.wave_waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    state.wake(everyone=False)  # woken and cancelled at once: pass the turn on
+                raise
+        return None
+
+    @staticmethod
+    def _leave_first_wave(state: _LoopState) -> None:
+        state.wave -= 1
+        state.wake(everyone=False)
 
     async def _acquire_tokens(self, state: _LoopState, tokens: int) -> None:
         # One caller at a time, in arrival order, so a large request is not overtaken forever by small
@@ -395,10 +467,23 @@ class Limiter:
     def release(self, ticket: Ticket) -> None:
         if ticket.semaphore is not None:
             ticket.semaphore.release()
+        if ticket.first_wave is not None:
+            self._leave_first_wave(ticket.first_wave)
+
+    def _answered(self) -> None:
+        """The provider answered (a reply or an HTTP error): the first wave is over in every loop."""
+        if self.answered_at is not None:
+            return
+        self.answered_at = time.monotonic()
+        for state in list(self._loops.values()):
+            if not state.loop.is_closed():
+                state.loop.call_soon_threadsafe(state.wake, True)
 
     # -- learning from outcomes --------------------------------------------------------------------
 
     def on_response(self, response: LLMResponse, ticket: Ticket) -> None:
+        self._answered()
+        self._oks.append(time.monotonic())
         usage = response.usage
         if usage.input_tokens and ticket.chars:
             ratio = usage.input_tokens / (ticket.chars / CHARS_PER_TOKEN)
@@ -409,10 +494,18 @@ class Limiter:
             self._reported(response.rate_limits)
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
+        known = self.answered_at is not None and ticket.sent_at >= self.answered_at
+        if error.status is not None:
+            self._answered()
         if error.rate_limits is not None:
             self._reported(error.rate_limits)
         if not (isinstance(error, RateLimitError) or error.status == 429) or not error.retryable:
             return  # exhausted quota (retryable False) is not a rate: slowing down would not help
+        if not known:
+            # Sent before anything came back: a start-up burst, or a window another client emptied.
+            # Wait as told, but the rate this limiter sends at has not been tried yet.
+            self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+            return
         now = time.monotonic()
         rl = error.rate_limits
         tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
@@ -420,7 +513,8 @@ class Limiter:
         if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
             changed = self._tpm.decrease(now, ticket.sent_at, self._observed_tokens(now))
         else:
-            changed = self._rpm.decrease(now, ticket.sent_at, self._observed_requests(now))
+            admitted = _per_second(self._oks, now, self._rpm.round_seconds())
+            changed = self._rpm.decrease(now, ticket.sent_at, self._observed_requests(now), admitted)
         if changed:
             self._changed()
         # after the rate change, so the pause holds the bucket at its new rate

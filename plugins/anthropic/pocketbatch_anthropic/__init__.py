@@ -9,7 +9,13 @@ import os
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+# The SDK is imported with the plugin, which pocketbatch loads at import: importing it on the first call
+# would hold a running flow's event loop for about a second.
+import anthropic
+import httpx2
+from anthropic import AsyncAnthropic
 
 from pocketbatch import LLMRequest, LLMResponse, Provider, hookimpl
 
@@ -27,8 +33,9 @@ from .api import (
 )
 from .batch import AnthropicBatch
 
-if TYPE_CHECKING:
-    from anthropic import AsyncAnthropic
+# One TLS context for every client: making one reads the CA bundle (~25 ms), which on a flow's first call
+# would hold its event loop while requests the limiter already let out wait to be sent.
+_TLS = httpx2.create_ssl_context()
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -122,15 +129,17 @@ class AnthropicProvider(Provider):
                 per_loop = self._clients[loop] = {}
             client = per_loop.get((key, base_url))
             if client is None:
-                import anthropic
-
-                options = {"base_url": base_url, **self.client_options, "api_key": key, "max_retries": 0}
-                client = per_loop[(key, base_url)] = anthropic.AsyncAnthropic(**options)
+                options = {
+                    "base_url": base_url,
+                    "http_client": anthropic.DefaultAsyncHttpxClient(verify=_TLS),
+                    **self.client_options,
+                    "api_key": key,
+                    "max_retries": 0,
+                }
+                client = per_loop[(key, base_url)] = AsyncAnthropic(**options)
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
-        import anthropic
-
         try:
             params = build_params(request)
         except InvalidRequest as e:
@@ -146,8 +155,6 @@ class AnthropicProvider(Provider):
 
 @functools.cache
 def _create_parameters() -> frozenset[str]:
-    import anthropic
-
     signature = inspect.signature(anthropic.resources.messages.AsyncMessages.create)
     return frozenset(signature.parameters) - {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
 

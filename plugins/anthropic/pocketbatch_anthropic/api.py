@@ -1,8 +1,7 @@
 """Translation between pocketbatch's values and the Anthropic Messages API: params, replies, errors, limits.
 
 Shared by the concurrent path (AnthropicProvider) and the batch path (AnthropicBatch), so a request is
-the same params either way. Nothing here imports the SDK at module level: `import anthropic` costs about a
-second, and pocketbatch loads every installed plugin to list providers.
+the same params either way.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
+
+import anthropic
 
 from pocketbatch import (
     ConfigError,
@@ -261,8 +262,6 @@ def error_for_type(error_type: str | None, message: str) -> LLMError:
 
 def translate_error(exc: BaseException) -> LLMError:
     """Every anthropic SDK exception as a pocketbatch LLMError, with retry_after and rate limits."""
-    import anthropic
-
     if isinstance(exc, anthropic.APIStatusError):
         headers = exc.response.headers
         status = exc.status_code

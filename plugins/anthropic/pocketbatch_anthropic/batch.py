@@ -7,6 +7,9 @@ import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+import anthropic
+import httpx2
+
 from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMError, LLMRequest, LLMResponse, TransientError
 
 from .api import InvalidRequest, build_params, dumps, error_for_type, to_response, translate_error
@@ -110,8 +113,6 @@ class AnthropicBatch(BatchAPI):
         return self._results(job_id)
 
     async def _results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
-        import anthropic
-
         client = self.provider.client()
         try:
             lines = await client.messages.batches.results(job_id)
@@ -154,15 +155,10 @@ def _result(result: Any) -> LLMResponse | LLMError:
 
 def _sdk_errors() -> tuple[type[Exception], ...]:
     """What the SDK raises: its own errors, and httpx2's when a streamed body breaks mid-read."""
-    import anthropic
-    import httpx2
-
     return (anthropic.AnthropicError, httpx2.HTTPError)
 
 
 def _llm_error(exc: Exception) -> LLMError:
-    import anthropic
-
     if isinstance(exc, anthropic.AnthropicError):
         return translate_error(exc)
     return TransientError(f"lost the connection to anthropic: {exc}")

@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+import httpx2
 import openai
 from openai.resources.chat.completions import AsyncCompletions
 
@@ -74,6 +75,10 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4-turbo": (10.00, 30.00),
     "gpt-3.5-turbo": (0.50, 1.50),
 }
+
+# One TLS context for every client: making one reads the CA bundle (~25 ms), which on a flow's first call
+# would hold its event loop while requests the limiter already let out wait to be sent.
+_TLS = httpx2.create_ssl_context()
 
 # Reasoning models refuse `max_tokens` and want `max_completion_tokens` instead.
 _REASONING = re.compile(r"^(o\d|gpt-5)")
@@ -140,7 +145,8 @@ class OpenAIProvider(Provider):
         per_loop = self._clients.setdefault(asyncio.get_running_loop(), {})
         client = per_loop.get((key, base_url))
         if client is None:
-            client = openai.AsyncOpenAI(api_key=key, base_url=base_url, **self.client_options, max_retries=0)
+            options = {"http_client": openai.DefaultAsyncHttpxClient(verify=_TLS), **self.client_options}
+            client = openai.AsyncOpenAI(api_key=key, base_url=base_url, **options, max_retries=0)
             per_loop[(key, base_url)] = client
         return client
 
