@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import os
@@ -34,8 +35,11 @@ from .api import (
 from .batch import AnthropicBatch
 
 # One TLS context for every client: making one reads the CA bundle (~25 ms), which on a flow's first call
-# would hold its event loop while requests the limiter already let out wait to be sent.
+# would hold its event loop while requests the limiter already let out wait to be sent. For the same
+# reason, the SDK's HTTP stack imports its asyncio backend now rather than on the first request.
 _TLS = httpx2.create_ssl_context()
+with contextlib.suppress(ImportError):
+    import anyio._backends._asyncio  # noqa: F401
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",

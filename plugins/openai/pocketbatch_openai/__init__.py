@@ -6,6 +6,7 @@ Also serves OpenAI-compatible servers (Azure, Groq, vLLM, a local server) throug
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import inspect
 import math
@@ -77,8 +78,11 @@ PRICES: dict[str, tuple[float, float]] = {
 }
 
 # One TLS context for every client: making one reads the CA bundle (~25 ms), which on a flow's first call
-# would hold its event loop while requests the limiter already let out wait to be sent.
+# would hold its event loop while requests the limiter already let out wait to be sent. For the same
+# reason, the SDK's HTTP stack imports its asyncio backend now rather than on the first request.
 _TLS = httpx2.create_ssl_context()
+with contextlib.suppress(ImportError):
+    import anyio._backends._asyncio  # noqa: F401
 
 # Reasoning models refuse `max_tokens` and want `max_completion_tokens` instead.
 _REASONING = re.compile(r"^(o\d|gpt-5)")
