@@ -34,6 +34,11 @@ def progress(console: Console, total: int) -> Iterator[None]:
         if event.kind == events.DONE:
             counts["done"] += 1
             counts["batch"] += event.via == "batch"
+        elif event.kind == events.REASKED:  # that answer did not count: its re-ask is on its way
+            counts["done"] -= 1
+        elif event.kind == events.REJECTED:
+            counts["done"] -= 1
+            counts["failed"] += 1
         elif event.kind in (events.FAILED, events.RETRIED, events.RATE_LIMITED):
             counts[event.kind] += 1
         else:
@@ -49,8 +54,8 @@ def progress(console: Console, total: int) -> Iterator[None]:
 
 
 def summary_table(summary: events.Summary, title: str = "pocketbatch run") -> Table:
-    table = Table("items", "ok", "failed", "via", "tokens in / out", "cost", "retries", "429s", "time",
-                  title=title)  # fmt: skip
+    table = Table("items", "ok", "failed", "via", "tokens in / out", "cost", "retries", "re-asks", "429s",
+                  "time", title=title)  # fmt: skip
     via = ", ".join(f"{n} {v}" for v, n in sorted(summary.via.items())) or "-"
     cost = "-" if summary.cost_usd is None else f"${summary.cost_usd:,.4f}"
     table.add_row(
@@ -61,6 +66,7 @@ def summary_table(summary: events.Summary, title: str = "pocketbatch run") -> Ta
         f"{summary.input_tokens:,} / {summary.output_tokens:,}",
         cost,
         str(summary.retries),
+        str(summary.reasks),
         str(summary.rate_limited),
         f"{summary.elapsed:.1f} s",
     )
