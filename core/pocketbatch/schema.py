@@ -80,7 +80,7 @@ def compile_schema(schema: Any) -> Schema:
             return _from_model(schema)
     if isinstance(schema, Mapping):
         try:
-            key = json.dumps(schema, sort_keys=True, allow_nan=False)
+            key = json.dumps(schema, allow_nan=False)  # key order kept: it is the order of the answer
         except (TypeError, ValueError) as e:
             raise ConfigError(f"schema: a JSON-schema dict must be plain JSON ({e})") from None
         return _from_dict(key)

@@ -89,7 +89,9 @@ async def settle(
                         **spent,
                     )
                 else:
-                    events.emit(events.REASKED, name, model, attempt=attempts, error=invalid)
+                    events.emit(
+                        events.REASKED, name, model, attempt=attempts, error=invalid, via=response.via
+                    )
                     response = await ask(reask_request(request, text, invalid.errors))
                     attempts += 1
                     usage = usage + response.usage
@@ -97,7 +99,7 @@ async def settle(
                     continue
             else:
                 return response.replace(parsed=parsed, usage=usage, cost_usd=cost)
-        events.emit(events.REJECTED, name, model, attempt=attempts, error=err)
+        events.emit(events.REJECTED, name, model, attempt=attempts, error=err, via=response.via)
         raise err
 
 

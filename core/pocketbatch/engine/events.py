@@ -28,7 +28,8 @@ FAILED = "failed"  # the call ended with an error (`error` set)
 DECIDED = "decided"  # a round's calls to one model were sent concurrent or to the batch API (`decision`)
 # Schema calls (structured.py): the answer just reported DONE did not validate and its item asks again
 # (`error` holds the validation errors), or it ended the item with a SchemaError, RefusalError or
-# TruncationError (`error`). Either way that DONE no longer counts as an item answered.
+# TruncationError (`error`). Either way that DONE (whose `via` they repeat) no longer counts as an item
+# answered; its tokens and cost still count.
 REASKED = "reasked"
 REJECTED = "rejected"
 KINDS = (STARTED, RATE_LIMITED, RETRIED, DONE, FAILED, DECIDED, REASKED, REJECTED)
@@ -116,13 +117,17 @@ class Summary:
             self.rate_limited += 1
         elif kind == DECIDED:
             self.decisions.append(event.decision)
-        elif kind == REASKED:  # the re-ask's own started/done follow: it is the same item, still open
-            self.reasks += 1
-            self.items -= 1
+        elif kind in (REASKED, REJECTED):  # the answer just counted as done did not end its item well
             self.ok -= 1
-        elif kind == REJECTED:
-            self.ok -= 1
-            self.failed += 1
+            if event.via and self.via.get(event.via):
+                self.via[event.via] -= 1
+                if not self.via[event.via]:
+                    del self.via[event.via]
+            if kind == REASKED:  # the re-ask's own started and done follow: the same item, still open
+                self.reasks += 1
+                self.items -= 1
+            else:
+                self.failed += 1
 
     __call__ = add
 
