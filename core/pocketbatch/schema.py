@@ -212,12 +212,12 @@ def refuse(
 ) -> None:
     """ConfigError naming the first field that uses a keyword the provider refuses (keyword -> why), or
     that `rule(node)` objects to; for Provider.check_schema."""
-    for path, node in nodes(schema, ""):
+    root = str(schema.get("title") or "response")  # the model's name, as compile_schema's errors say
+    for path, node in nodes(schema, root):
         why = next((f"{k!r} ({reason})" for k, reason in keywords.items() if k in node), None)
         why = why or (rule(node) if rule else None)
         if why:
-            where = f"field {path!r}" if path else "the schema's root"
-            raise ConfigError(f"{provider} cannot take this schema: {where} uses {why}")
+            raise ConfigError(f"{provider} cannot take this schema: field {path!r} uses {why}")
 
 
 def is_recursive(schema: dict) -> bool:

@@ -108,7 +108,8 @@ class OpenAIEmulator:
       `requests`: every httpx.Request answered, in order; `calls`: a Counter per route ("chat",
       "files.create", "files.retrieve", "files.content", "files.delete", "batches.create",
       "batches.retrieve", "batches.cancel", "batches.list"); `files` (id -> {"object", "content"}),
-      `deleted_files`, `batches` (id -> the batch as served), `batches_created`, `bodies(route)`.
+      `deleted_files`, `batches` (id -> the batch as served), `batches_created`, `bodies(route)`,
+      `uploaded_lines()` (every batch input line sent).
     Knobs:
       `fail_next(n, status=429, ...)` queues faults for a route (chat by default; 429 with
       `retry_after_ms`, 5xx, `code="insufficient_quota"`, `should_retry`, `timeout=True`);
@@ -191,6 +192,16 @@ class OpenAIEmulator:
         """The next batch created ends `failed` on its first poll, with `errors` as its `errors.data`."""
         errors = errors or [{"code": "invalid_request", "line": 1, "message": "The batch was rejected."}]
         self._batch_failures.append([{"param": None, "line": None, **e} for e in errors])
+
+    def uploaded_lines(self) -> list[dict]:
+        """Every line of every batch input file uploaded, in order (kept after the file is deleted)."""
+        lines = []
+        for request, route in zip(self.requests, self._routes, strict=True):
+            if route == "files.create":
+                form = _multipart(request.headers.get("content-type", ""), request.content)
+                content = form.get("file", (None, b""))[1]
+                lines += [json.loads(line) for line in content.splitlines() if line.strip()]
+        return lines
 
     @property
     def batches_created(self) -> int:
