@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from pocketbatch import (
@@ -293,3 +295,48 @@ def test_the_cli_takes_a_schema_file_and_per_line_schemas(tmp_path, monkeypatch)
     Path(schema_file).write_text('{"type": "object", "properties": {"m": {"type": "object"}}}')
     code, out, err = invoke("run", str(src), "-o", "-", "--schema", str(schema_file))
     assert code == 2 and "line 1" in err and "field 'response.m'" in err and out == ""
+
+
+# --- example() and the validator agree, for any schema built from the keywords both know ------------------
+
+_leaf = st.one_of(
+    st.just({"type": "string"}),
+    st.builds(
+        lambda lo, n: {"type": "string", "minLength": lo, "maxLength": lo + n},
+        st.integers(0, 5),
+        st.integers(0, 5),
+    ),
+    st.builds(
+        lambda lo, n: {"type": "integer", "minimum": lo, "maximum": lo + n},
+        st.integers(-50, 50),
+        st.integers(0, 9),
+    ),
+    st.builds(lambda lo: {"type": "number", "exclusiveMinimum": lo}, st.integers(-5, 5)),
+    st.just({"type": "boolean"}),
+    st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3, unique=True).map(
+        lambda e: {"enum": e}
+    ),
+    st.just({"anyOf": [{"type": "integer"}, {"type": "null"}]}),
+    st.just({"type": "string", "format": "date-time"}),
+)
+_node = st.recursive(
+    _leaf,
+    lambda inner: st.one_of(
+        st.builds(lambda i, lo: {"type": "array", "items": i, "minItems": lo}, inner, st.integers(0, 3)),
+        st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), inner, min_size=1, max_size=4).map(
+            lambda props: {"type": "object", "properties": props}
+        ),
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.dictionaries(st.from_regex(r"[a-z]{1,6}", fullmatch=True), _node, min_size=1, max_size=4),
+    st.text(max_size=8),
+)
+def test_an_example_of_any_strict_dict_schema_validates(props, seed):
+    schema = compile_schema({"type": "object", "properties": props})
+    value = example(schema.json, seed)
+    assert schema.validate(json.dumps(value)) == value

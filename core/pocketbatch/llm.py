@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Union
 
 from . import structured
 from .engine import collector, concurrent
 from .providers import LLMRequest, LLMResponse
 from .registry import resolve
 from .schema import compile_schema
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# What `schema=` takes: a pydantic v2 model class, or a JSON-schema dict.
+SchemaLike = Union["type[BaseModel]", Mapping[str, Any]]
 
 
 def build_request(
@@ -20,7 +27,7 @@ def build_request(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
-    schema: Any = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ):
     """The provider and request a call stands for; an unknown model, a missing key or a schema that is
@@ -42,7 +49,7 @@ async def call_llm_async(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
-    schema: Any = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ) -> LLMResponse:
     """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL.
@@ -83,7 +90,7 @@ def call_llm(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
-    schema: Any = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ) -> LLMResponse:
     """The sync twin of call_llm_async, for sync nodes (also inside an AsyncFlow's running loop)."""
