@@ -340,3 +340,39 @@ def test_an_example_of_any_strict_dict_schema_validates(props, seed):
     schema = compile_schema({"type": "object", "properties": props})
     value = example(schema.json, seed)
     assert schema.validate(json.dumps(value)) == value
+
+
+async def test_re_asks_inside_nested_parallel_branches_go_concurrent_in_the_shared_round(
+    register_provider, pocketbatch_env
+):
+    from pocketbatch import AsyncFlow, AsyncParallelBatchFlow, AsyncParallelBatchNode
+
+    pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
+
+    def reply(request):  # every first answer is invalid; every re-ask (it has the feedback) is valid
+        return VALID if len(request.messages) > 1 else '{"title": "t"}'
+
+    fake = register_provider(FakeProvider(reply=reply, batch=True))
+
+    class Inner(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return [f"{self.params['b']}.{i}" for i in range(3)]
+
+        async def exec_async(self, item):
+            return await call_llm_async(f"Summarize: {item}", model="fake/m", schema=Summary)
+
+        async def post_async(self, shared, prep_res, exec_res):
+            shared.setdefault("out", {})[self.params["b"]] = exec_res
+
+    class Outer(AsyncParallelBatchFlow):
+        async def prep_async(self, shared):
+            return [{"b": b} for b in range(4)]
+
+    shared = {}
+    with events.summarize() as summary:
+        await Outer(start=AsyncFlow(start=Inner(mode="batch"))).run_async(shared)
+    results = [r for b in range(4) for r in shared["out"][b]]
+    assert len(results) == 12 and all(isinstance(r.parsed, Summary) for r in results)
+    assert {r.via for r in results} == {"concurrent"}  # every answer that counts is a re-ask
+    assert len(fake.batch.jobs) == 1 and len(fake.requests) == 24  # one job of 12, then 12 re-asks
+    assert (summary.items, summary.ok, summary.reasks, summary.via) == (12, 12, 12, {"concurrent": 12})
