@@ -71,14 +71,15 @@ async def call_llm_async(
     if here is None:
         response = await concurrent.call(provider, request)
     else:
-        response = await here[0].call(here[1], provider, request)
+        round_, item = here
+        response = await round_.call(item, provider, request)
     if schema is None:
         return response
 
     async def reask(again: LLMRequest) -> LLMResponse:  # never a batch job: one item is waiting on it
         if here is None:
             return await concurrent.call(provider, again)
-        return await here[0].call(here[1], provider, again, mode="concurrent")
+        return await round_.call(item, provider, again, mode="concurrent")
 
     return await structured.settle(provider, request, compile_schema(schema), response, reask)
 
