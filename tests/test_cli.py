@@ -57,7 +57,7 @@ def test_run_keeps_input_order_and_ids(tmp_path):
     assert [r["id"] for r in rows] == [1, "x", 3]
     assert ["first" in rows[0]["text"], "second" in rows[1]["text"]] == [True, True]
     assert rows[1]["model"] == "offline/offline-large" and rows[0]["model"] == "offline/offline-small"
-    assert set(rows[0]) == {"id", "text", "model", "via", "usage", "cost_usd", "error"}
+    assert set(rows[0]) == {"id", "text", "model", "via", "usage", "cost_usd", "parsed", "error"}
     assert rows[0]["usage"]["input_tokens"] > 0 and rows[0]["error"] is None
 
 

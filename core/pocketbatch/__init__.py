@@ -9,8 +9,11 @@ from .errors import (
     LLMError,
     PocketBatchError,
     RateLimitError,
+    RefusalError,
     RequestError,
+    SchemaError,
     TransientError,
+    TruncationError,
 )
 from .flow import (
     AsyncBatchFlow,
@@ -52,8 +55,11 @@ __all__ = [
     "Provider",
     "RateLimitError",
     "RateLimits",
+    "RefusalError",
     "RequestError",
+    "SchemaError",
     "TransientError",
+    "TruncationError",
     "Usage",
     "call_llm",
     "call_llm_async",

@@ -109,16 +109,25 @@ def plugins() -> None:
 @click.option(
     "--fresh", is_flag=True, help="Submit anew instead of reusing journaled batch jobs and results."
 )
-def run(input_file, output_file, model, mode, system, fresh) -> None:
+@click.option(
+    "--schema",
+    "schema_file",
+    metavar="FILE.json",
+    type=click.File("r", encoding="utf-8"),
+    help="A JSON schema for lines that give none: each answer is validated, its object written as parsed.",
+)
+def run(input_file, output_file, model, mode, system, fresh, schema_file) -> None:
     """Run every prompt of IN.jsonl and write OUT.jsonl in the same order.
 
     Each input line is a JSON string or an object {"id", "prompt", "model"?, "system"?, "max_tokens"?,
-    "temperature"?}. Exit 0 when every item succeeded, 1 when some failed, 2 on bad input or settings.
+    "temperature"?, "schema"?}. Exit 0 when every item succeeded, 1 when some failed, 2 on bad input or
+    settings.
     """
     if fresh:
         os.environ["POCKETBATCH_REUSE"] = "0"
         config.reload()
-    items = read_items(input_file, model=model, system=system)
+    schema = _read_schema(schema_file) if schema_file else None
+    items = read_items(input_file, model=model, system=system, schema=schema)
     writer = OrderedWriter(output_file, items)
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
     policy = CancelPolicy()
@@ -131,6 +140,16 @@ def run(input_file, output_file, model, mode, system, fresh) -> None:
             click.echo(f"  {shlex.join(['pocketbatch', *sys.argv[1:]])}", err=True)
         sys.exit(130)
     sys.exit(1 if writer.failed else 0)
+
+
+def _read_schema(file) -> dict:
+    try:
+        schema = json.load(file)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--schema {file.name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(schema, dict):
+        raise ConfigError(f"--schema {file.name}: a JSON schema is an object, not {type(schema).__name__}")
+    return schema
 
 
 class _NoJournal:

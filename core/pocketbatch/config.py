@@ -43,6 +43,7 @@ class Settings:
     journal: Path | None = None
     reuse: bool = True
     log: str = "warning"
+    schema_retries: int = 2  # re-asks of an answer that fails its schema, after the first answer
 
     def limits_for(self, provider: str) -> Limits:
         """The user's limits for one provider: its own variables first, then the global ones."""
@@ -98,6 +99,7 @@ def settings() -> Settings:
         else default_journal(),
         reuse=_flag(env, "POCKETBATCH_REUSE", True),
         log=log,
+        schema_retries=_retries("POCKETBATCH_SCHEMA_RETRIES", env.get("POCKETBATCH_SCHEMA_RETRIES", "2")),
     )
 
 
@@ -150,6 +152,13 @@ def _count(name: str, value: str) -> int:
     number = _number(name, value, "a whole number ≥ 0 (0 means unlimited)")
     if number != int(number):
         raise ConfigError(f"{name} must be a whole number ≥ 0 (0 means unlimited), not {value!r}")
+    return int(number)
+
+
+def _retries(name: str, value: str) -> int:
+    number = _number(name, value, "a whole number of re-asks ≥ 0")
+    if number != int(number):
+        raise ConfigError(f"{name} must be a whole number of re-asks ≥ 0, not {value!r}")
     return int(number)
 
 

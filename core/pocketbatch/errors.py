@@ -61,6 +61,45 @@ class RequestError(LLMError):
     """The request itself is wrong (4xx other than 408/409/429): sending it again cannot help."""
 
 
+class SchemaError(LLMError):
+    """An answer still failed its schema after POCKETBATCH_SCHEMA_RETRIES re-asks. `text` is the last
+    answer, `errors` its validation errors, `attempts` the answers asked for in all; `usage` and
+    `cost_usd` add up every attempt. Not retryable: the re-asks were the retries."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        text: str = "",
+        errors: list[str] | None = None,
+        attempts: int = 1,
+        usage=None,
+        cost_usd: float | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.text, self.errors, self.attempts = text, list(errors or []), attempts
+        self.usage, self.cost_usd = usage, cost_usd
+
+
+class RefusalError(LLMError):
+    """The model refused to answer a schema request (OpenAI's `refusal`, Anthropic's stop_reason
+    "refusal"); `text` is what it said instead. Re-asking would only be refused again."""
+
+    def __init__(self, message: str, *, text: str = "", usage=None, cost_usd=None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.text, self.usage, self.cost_usd = text, usage, cost_usd
+
+
+class TruncationError(LLMError):
+    """A schema answer stopped at max_tokens, so its JSON is cut short; raise max_tokens. `text` is the
+    partial answer."""
+
+    def __init__(self, message: str, *, text: str = "", usage=None, cost_usd=None, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.text, self.usage, self.cost_usd = text, usage, cost_usd
+
+
 class BatchError(_Failure):
     """A batch job failed or was rejected (status 413: too large, the engine halves it); the engine runs
     its requests concurrently instead. Not an LLMError: no single call failed."""

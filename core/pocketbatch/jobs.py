@@ -11,19 +11,22 @@ from .flow import AsyncParallelBatchNode
 from .llm import build_request, call_llm_async
 from .providers import LLMResponse
 
-FIELDS = ("id", "prompt", "model", "system", "max_tokens", "temperature")
+FIELDS = ("id", "prompt", "model", "system", "max_tokens", "temperature", "schema")
 
 
 @dataclass
 class Item:
     id: Any
     prompt: str | list[dict]
-    options: dict[str, Any] = field(default_factory=dict)  # model, system, max_tokens, temperature
+    options: dict[str, Any] = field(default_factory=dict)  # model, system, max_tokens, temperature, schema
     model: str = ""  # resolved "provider/model", for the output line even when the call failed
 
 
-def read_items(lines: IO[str], *, model: str | None, system: str | None) -> list[Item]:
-    """Every line parsed and checked (models resolved, keys set) before any call: bad input costs nothing."""
+def read_items(
+    lines: IO[str], *, model: str | None, system: str | None, schema: dict | None = None
+) -> list[Item]:
+    """Every line parsed and checked (models resolved, keys set, schemas compiled) before any call: bad
+    input costs nothing. `schema` is the JSON schema for lines that give none."""
     items = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
@@ -46,6 +49,11 @@ def read_items(lines: IO[str], *, model: str | None, system: str | None) -> list
         for name in ("max_tokens", "temperature"):
             if data.get(name) is not None:
                 options[name] = data[name]
+        line_schema = data.get("schema", schema)
+        if line_schema is not None:
+            if not isinstance(line_schema, dict):
+                raise ConfigError(f'line {number}: "schema" must be a JSON-schema object')
+            options["schema"] = line_schema
         try:
             provider, request = build_request(prompt, **options)  # unknown model, missing key: now, not later
         except (ConfigError, TypeError) as e:
@@ -66,6 +74,7 @@ def result_line(item: Item, outcome: LLMResponse | BaseException) -> dict[str, A
             "via": outcome.via,
             "usage": usage,
             "cost_usd": outcome.cost_usd,
+            "parsed": outcome.parsed,  # the validated object of a line with a schema, else null
             "error": None,
         }
     return {
@@ -75,6 +84,7 @@ def result_line(item: Item, outcome: LLMResponse | BaseException) -> dict[str, A
         "via": None,
         "usage": None,
         "cost_usd": None,
+        "parsed": None,
         "error": {"type": type(outcome).__name__, "message": str(outcome)},
     }
 

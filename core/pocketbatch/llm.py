@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Union
 
+from . import structured
 from .engine import collector, concurrent
 from .providers import LLMRequest, LLMResponse
 from .registry import resolve
+from .schema import compile_schema
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# What `schema=` takes: a pydantic v2 model class, or a JSON-schema dict.
+SchemaLike = Union["type[BaseModel]", Mapping[str, Any]]
 
 
 def build_request(
@@ -18,14 +27,18 @@ def build_request(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ):
-    """The provider and request a call stands for; an unknown model or missing key is a ConfigError here."""
+    """The provider and request a call stands for; an unknown model, a missing key or a schema that is
+    not usable with the provider is a ConfigError here."""
     provider, name = resolve(model)
     provider.api_key()  # a missing key fails before any call, naming its variable
     request = LLMRequest.from_prompt(
         prompt, name, system=system, max_tokens=max_tokens, temperature=temperature, options=options
     )
+    if schema is not None:
+        request = structured.with_schema(provider, request, compile_schema(schema))
     return provider, request
 
 
@@ -36,20 +49,39 @@ async def call_llm_async(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ) -> LLMResponse:
     """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL.
 
     Inside a parallel node the call joins its round, which goes concurrent or to the batch API as a whole.
+    `schema` (a pydantic model class or a JSON-schema dict) asks for JSON: the response's `.parsed` is
+    the validated object, and an answer that stays invalid is a SchemaError (docs/structured-output.md).
     """
     provider, request = build_request(
-        prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature, **options
+        prompt,
+        model=model,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        schema=schema,
+        **options,
     )
     here = collector.current()
     if here is None:
-        return await concurrent.call(provider, request)
-    round_, item = here
-    return await round_.call(item, provider, request)
+        response = await concurrent.call(provider, request)
+    else:
+        round_, item = here
+        response = await round_.call(item, provider, request)
+    if schema is None:
+        return response
+
+    async def reask(again: LLMRequest) -> LLMResponse:  # never a batch job: one item is waiting on it
+        if here is None:
+            return await concurrent.call(provider, again)
+        return await round_.call(item, provider, again, mode="concurrent")
+
+    return await structured.settle(provider, request, compile_schema(schema), response, reask)
 
 
 def call_llm(
@@ -59,11 +91,18 @@ def call_llm(
     system: str | None = None,
     max_tokens: int | None = None,
     temperature: float | None = None,
+    schema: SchemaLike | None = None,
     **options: Any,
 ) -> LLMResponse:
     """The sync twin of call_llm_async, for sync nodes (also inside an AsyncFlow's running loop)."""
     coro = call_llm_async(
-        prompt, model=model, system=system, max_tokens=max_tokens, temperature=temperature, **options
+        prompt,
+        model=model,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        schema=schema,
+        **options,
     )
     return asyncio.run_coroutine_threadsafe(coro, _sync_loop()).result()
 

@@ -34,6 +34,11 @@ def progress(console: Console, total: int) -> Iterator[None]:
         if event.kind == events.DONE:
             counts["done"] += 1
             counts["batch"] += event.via == "batch"
+        elif event.kind == events.REASKED:  # that answer did not count: its re-ask is on its way
+            counts["done"] -= 1
+        elif event.kind == events.REJECTED:
+            counts["done"] -= 1
+            counts["failed"] += 1
         elif event.kind in (events.FAILED, events.RETRIED, events.RATE_LIMITED):
             counts[event.kind] += 1
         else:
@@ -49,19 +54,26 @@ def progress(console: Console, total: int) -> Iterator[None]:
 
 
 def summary_table(summary: events.Summary, title: str = "pocketbatch run") -> Table:
-    table = Table("items", "ok", "failed", "via", "tokens in / out", "cost", "retries", "429s", "time",
-                  title=title)  # fmt: skip
     via = ", ".join(f"{n} {v}" for v, n in sorted(summary.via.items())) or "-"
     cost = "-" if summary.cost_usd is None else f"${summary.cost_usd:,.4f}"
-    table.add_row(
-        str(summary.items),
-        str(summary.ok),
-        str(summary.failed),
-        via,
-        f"{summary.input_tokens:,} / {summary.output_tokens:,}",
-        cost,
-        str(summary.retries),
-        str(summary.rate_limited),
-        f"{summary.elapsed:.1f} s",
-    )
+    cells = {
+        "items": str(summary.items),
+        "ok": str(summary.ok),
+        "failed": str(summary.failed),
+        "via": via,
+        "tokens in / out": f"{summary.input_tokens:,} / {summary.output_tokens:,}",
+        "cost": cost,
+        "retries": str(summary.retries),
+        "429s": str(summary.rate_limited),
+        "time": f"{summary.elapsed:.1f} s",
+    }
+    table = Table(title=title)
+    for header in cells:
+        table.add_column(header)
+        if header == "retries" and summary.reasks:  # schema answers asked again, in runs that had some
+            table.add_column("re-asks")
+    row = list(cells.values())
+    if summary.reasks:
+        row.insert(list(cells).index("retries") + 1, str(summary.reasks))
+    table.add_row(*row)
     return table

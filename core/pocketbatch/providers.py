@@ -30,6 +30,10 @@ class LLMRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     options: dict = field(default_factory=dict)
+    # The strict JSON schema the core derived from `schema=` (docs/structured-output.md); None for text.
+    # A provider with supports_schema sends it as its structured-output parameter; others may ignore it,
+    # because the core then also puts it in the prompt.
+    schema: dict | None = None
 
     @classmethod
     def from_prompt(cls, prompt: str | list[dict], model: str, **fields: Any) -> LLMRequest:
@@ -68,6 +72,8 @@ class LLMResponse(str):
     cost_usd: float | None
     raw: Any
     rate_limits: RateLimits | None
+    finish_reason: str | None  # "stop", "length" (max_tokens reached), "refusal"; None when not said
+    parsed: Any  # the validated object of a `schema=` call; None without a schema
 
     def __new__(
         cls,
@@ -80,11 +86,14 @@ class LLMResponse(str):
         cost_usd: float | None = None,
         raw: Any = None,
         rate_limits: RateLimits | None = None,
+        finish_reason: str | None = None,
+        parsed: Any = None,
     ) -> LLMResponse:
         self = super().__new__(cls, text)
         self.usage = usage or Usage()
         self.model, self.provider, self.via = model, provider, via
         self.cost_usd, self.raw, self.rate_limits = cost_usd, raw, rate_limits
+        self.finish_reason, self.parsed = finish_reason, parsed
         return self
 
     def replace(self, **changes: Any) -> LLMResponse:
@@ -97,7 +106,17 @@ class LLMResponse(str):
         return _rebuild_response, (str(self), {k: getattr(self, k) for k in _RESPONSE_FIELDS})
 
 
-_RESPONSE_FIELDS = ("usage", "model", "provider", "via", "cost_usd", "raw", "rate_limits")
+_RESPONSE_FIELDS = (
+    "usage",
+    "model",
+    "provider",
+    "via",
+    "cost_usd",
+    "raw",
+    "rate_limits",
+    "finish_reason",
+    "parsed",
+)
 
 
 def _rebuild_response(text: str, fields: dict) -> LLMResponse:
@@ -160,6 +179,13 @@ class Provider:
     max_concurrency: ClassVar[int] = 0
     prices: ClassVar[dict[str, tuple[float, float]]] = {}
     batch: BatchAPI | None = None
+    # True: the provider sends LLMRequest.schema as its own structured-output parameter. False (any
+    # plugin written before schemas): the core puts the schema in the prompt, and validates either way.
+    supports_schema: ClassVar[bool] = False
+
+    def check_schema(self, schema: dict) -> None:
+        """Raise ConfigError naming the field when this provider cannot take a (strict) JSON schema;
+        called once per call before anything is sent. The default takes any schema."""
 
     def api_key(self) -> str | None:
         """The key from key_env_var; a ConfigError naming the variable when it is unset."""

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import pytest
 
@@ -131,9 +132,17 @@ def respx_mocker() -> str:
     return name
 
 
-async def ask_each(prompts: list, *, model: str | None = None, **node_options) -> list:
+async def ask_each(
+    prompts: list,
+    *,
+    model: str | None = None,
+    schema: Any = None,
+    call_options: dict | None = None,
+    **node_options,
+) -> list:
     """Run one AsyncParallelBatchNode with one call_llm_async per prompt; each item's final error is
-    its result, so a test can check every item: `await ask_each(["a", "b"], model="fake/x", mode="batch")`."""
+    its result, so a test can check every item: `await ask_each(["a", "b"], model="fake/x", mode="batch")`.
+    `schema` and `call_options` (max_tokens, ...) go to every call."""
     from .flow import AsyncFlow, AsyncParallelBatchNode
     from .llm import call_llm_async
 
@@ -142,7 +151,7 @@ async def ask_each(prompts: list, *, model: str | None = None, **node_options) -
             return shared["prompts"]
 
         async def exec_async(self, prompt):
-            return await call_llm_async(prompt, model=model)
+            return await call_llm_async(prompt, model=model, schema=schema, **(call_options or {}))
 
         async def exec_fallback_async(self, prompt, exc):
             return exc

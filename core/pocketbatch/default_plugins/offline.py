@@ -5,7 +5,13 @@ server's limit; 0 for none), POCKETBATCH_OFFLINE_BATCH_SECONDS (how long a batch
 POCKETBATCH_OFFLINE_FAIL_RATE (the share of calls and batch lines that fail retryably),
 POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS (how long reading a job's results takes) and
 POCKETBATCH_OFFLINE_DIR (where batch jobs live, so they outlive the process as a real server's do).
-A request's option `offline_error` ("request", "transient" or "expired") makes that one request fail.
+A request's option `offline_error` ("request", "transient" or "expired") makes that one request fail;
+"refusal" makes a schema request answer with a refusal.
+
+Schema requests (LLMRequest.schema) are answered with a deterministic instance of the schema, cut at
+max_tokens (about 4 characters a token) like a real truncated answer; POCKETBATCH_OFFLINE_SCHEMA_FAIL_RATE
+is the share of them answered with a required field left out, decided by a hash of the request, so a
+re-ask (a different request) may pass where its first answer failed.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import platformdirs
 from pocketbatch.errors import BatchError, ConfigError, LLMError, RateLimitError, RequestError, TransientError
 from pocketbatch.hookspecs import hookimpl
 from pocketbatch.providers import BatchAPI, BatchStatus, LLMRequest, LLMResponse, Provider, RateLimits, Usage
+from pocketbatch.schema import example
 
 
 @hookimpl
@@ -47,6 +54,9 @@ def _env_number(name: str, default: float) -> float:
 
 def reply(request: LLMRequest) -> tuple[str, Usage]:
     """The deterministic reply to a request, and what it "cost" in tokens (about 4 characters a token)."""
+    if request.schema is not None:
+        text, usage, _ = schema_reply(request)
+        return text, usage
     last = next((m for m in reversed(request.messages) if m.get("role") == "user"), request.messages[-1])
     content = last.get("content", "")
     if not isinstance(content, str):  # content blocks
@@ -58,6 +68,28 @@ def reply(request: LLMRequest) -> tuple[str, Usage]:
     return text, Usage(max(1, math.ceil(prompt_chars / 4)), max(1, math.ceil(len(text) / 4)))
 
 
+def schema_reply(request: LLMRequest) -> tuple[str, Usage, str]:
+    """The JSON answer to a schema request, its usage, and its finish reason ("stop", "length" when
+    max_tokens cut it, "refusal" for offline_error="refusal")."""
+    assert request.schema is not None
+    digest = hashlib.sha256(json.dumps([request.system, request.messages]).encode()).hexdigest()
+    prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
+    if request.options.get("offline_error") == "refusal":
+        text, finish = "I can't help with that request.", "refusal"
+    else:
+        value = example(request.schema, seed=digest)
+        rate = _env_number("POCKETBATCH_OFFLINE_SCHEMA_FAIL_RATE", 0)
+        if rate > 1:
+            raise ConfigError(f"POCKETBATCH_OFFLINE_SCHEMA_FAIL_RATE must be between 0 and 1, not {rate:g}")
+        if isinstance(value, dict) and value and int(digest[:8], 16) / 16**8 < rate:
+            value.pop(next(iter(value)))  # a required field left out: invalid, as a sloppy model's answer
+        text, finish = json.dumps(value), "stop"
+        if request.max_tokens is not None and len(text) > request.max_tokens * 4:
+            text, finish = text[: request.max_tokens * 4], "length"
+    usage = Usage(max(1, math.ceil(prompt_chars / 4)), max(1, math.ceil(len(text) / 4)))
+    return text, usage, finish
+
+
 def _request_failure(request: LLMRequest) -> LLMError | None:
     if request.max_tokens is not None and request.max_tokens < 1:
         return RequestError(f"offline: max_tokens must be at least 1, not {request.max_tokens}", status=400)
@@ -66,9 +98,9 @@ def _request_failure(request: LLMRequest) -> LLMError | None:
         return RequestError("offline: this request was marked to fail (offline_error='request')", status=400)
     if kind == "transient":
         return TransientError("offline: simulated server error (offline_error='transient')", status=500)
-    if kind is not None and kind != "expired":
+    if kind is not None and kind not in ("expired", "refusal"):
         return RequestError(
-            f"offline_error must be 'request', 'transient' or 'expired', not {kind!r}", status=400
+            f"offline_error must be 'request', 'transient', 'expired' or 'refusal', not {kind!r}", status=400
         )
     return None
 
@@ -106,6 +138,7 @@ class OfflineProvider(Provider):
     key_env_var = None
     default_model = "offline-small"
     models = ("offline-small", "offline-large")
+    supports_schema = True  # it answers LLMRequest.schema itself, as a structured-output API does
     rpm = 6000
     # Pretend prices, so the cost of each way shows in the demo; no money is spent offline.
     prices = {"offline-small": (0.15, 0.60), "offline-large": (2.50, 10.00)}
@@ -127,8 +160,23 @@ class OfflineProvider(Provider):
             failure = TransientError("offline: simulated server error", status=500)
         if failure:
             raise failure
-        text, usage = reply(request)
-        return LLMResponse(text, usage=usage, model=request.model, provider=self.name, rate_limits=limits)
+        return _response(request, via="concurrent", rate_limits=limits)
+
+
+def _response(request: LLMRequest, *, via: str, rate_limits: RateLimits | None = None) -> LLMResponse:
+    if request.schema is not None:
+        text, usage, finish = schema_reply(request)
+    else:
+        (text, usage), finish = reply(request), "stop"
+    return LLMResponse(
+        text,
+        usage=usage,
+        model=request.model,
+        provider=OfflineProvider.name,
+        via=via,
+        rate_limits=rate_limits,
+        finish_reason=finish,
+    )
 
 
 class OfflineBatch(BatchAPI):
@@ -225,11 +273,7 @@ class OfflineBatch(BatchAPI):
         for item, outcome in self._outcomes(job):
             request = LLMRequest(**item["request"])
             if outcome == "succeeded":
-                text, usage = reply(request)
-                yield (
-                    item["custom_id"],
-                    LLMResponse(text, usage=usage, model=request.model, provider="offline", via="batch"),
-                )
+                yield item["custom_id"], _response(request, via="batch")
             elif outcome == "errored":
                 failure = _request_failure(request)
                 yield item["custom_id"], failure or TransientError("offline: batch line failed", status=500)

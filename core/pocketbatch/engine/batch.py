@@ -91,7 +91,14 @@ def _canonical(request: LLMRequest) -> str:
     dataclass nested in them is expanded as asdict would have done.
     """
     fields = {name: getattr(request, name) for name in _field_names(type(request))}
+    for name in _ADDED_FIELDS:  # left out at their default: older journals' ids stay valid
+        if fields.get(name) is None:
+            fields.pop(name, None)
     return json.dumps(fields, sort_keys=True, default=_as_asdict_would)
+
+
+# LLMRequest fields added after journals were first written (the schema is part of the round key).
+_ADDED_FIELDS = ("schema",)
 
 
 @functools.cache

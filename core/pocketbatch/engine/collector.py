@@ -76,8 +76,12 @@ class Round:
             self.outstanding.pop(key, None)
             self._flush_if_ready()
 
-    async def call(self, key: int, provider: Provider, request: LLMRequest) -> LLMResponse:
-        call = Call(provider, request, self.mode)
+    async def call(
+        self, key: int, provider: Provider, request: LLMRequest, mode: str | None = None
+    ) -> LLMResponse:
+        """The answer to one of the item's calls; `mode` overrides the round's (schema re-asks go
+        "concurrent" while still counting as the item's outstanding call)."""
+        call = Call(provider, request, mode or self.mode)
         self.take(key, [call])
         try:
             return await call.future

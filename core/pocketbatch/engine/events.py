@@ -26,7 +26,13 @@ RETRIED = "retried"  # an attempt failed retryably and another follows after `wa
 DONE = "done"  # the call returned a response (usage and cost set)
 FAILED = "failed"  # the call ended with an error (`error` set)
 DECIDED = "decided"  # a round's calls to one model were sent concurrent or to the batch API (`decision`)
-KINDS = (STARTED, RATE_LIMITED, RETRIED, DONE, FAILED, DECIDED)
+# Schema calls (structured.py): the answer just reported DONE did not validate and its item asks again
+# (`error` holds the validation errors), or it ended the item with a SchemaError, RefusalError or
+# TruncationError (`error`). Either way that DONE (whose `via` they repeat) no longer counts as an item
+# answered; its tokens and cost still count.
+REASKED = "reasked"
+REJECTED = "rejected"
+KINDS = (STARTED, RATE_LIMITED, RETRIED, DONE, FAILED, DECIDED, REASKED, REJECTED)
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class Summary:
     failed: int = 0
     retries: int = 0
     rate_limited: int = 0  # attempts answered 429
+    reasks: int = 0  # answers asked again because they did not match their schema
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = None  # None until some response had a known cost
@@ -110,6 +117,17 @@ class Summary:
             self.rate_limited += 1
         elif kind == DECIDED:
             self.decisions.append(event.decision)
+        elif kind in (REASKED, REJECTED):  # the answer just counted as done did not end its item well
+            self.ok -= 1
+            if event.via and self.via.get(event.via):
+                self.via[event.via] -= 1
+                if not self.via[event.via]:
+                    del self.via[event.via]
+            if kind == REASKED:  # the re-ask's own started and done follow: the same item, still open
+                self.reasks += 1
+                self.items -= 1
+            else:
+                self.failed += 1
 
     __call__ = add
 
@@ -125,6 +143,7 @@ class Summary:
             f"{self.items:,} items: {self.ok:,} ok, {self.failed:,} failed"
             + (f" ({via})" if via else "")
             + f"; {self.retries:,} retries, {self.rate_limited:,} × 429"
+            + (f", {self.reasks:,} re-asks" if self.reasks else "")
             + f"; {self.input_tokens:,} input + {self.output_tokens:,} output tokens, {cost}"
             + f"; {self.elapsed:.1f} s"
         )

@@ -26,6 +26,7 @@ from .api import (
     MAX_TOKENS_ENV_VAR,
     InvalidRequest,
     build_params,
+    check_schema,
     default_max_tokens,
     invalid_request_error,
     parse_rate_limits,
@@ -88,6 +89,8 @@ class AnthropicProvider(Provider):
     )
     # Where the engine's learning starts: Anthropic's tier-1 limits (50 RPM, 50k input tokens a minute).
     # The anthropic-ratelimit-* headers on the first reply replace them with the account's real limits.
+    # Structured outputs (output_config.format json_schema), on both paths.
+    supports_schema: ClassVar[bool] = True
     rpm: ClassVar[float] = 50
     tpm: ClassVar[float] = 50_000
     # USD per million (input, output) tokens, as of 2026-11-25. Haiku 4.5, Sonnet 4.5/4.6 and Opus
@@ -117,6 +120,9 @@ class AnthropicProvider(Provider):
         ] = weakref.WeakKeyDictionary()
         # The sync call_llm runs its own loop in another thread, so two threads may build clients at once.
         self._clients_lock = threading.Lock()
+
+    def check_schema(self, schema: dict) -> None:
+        check_schema(schema)
 
     def client(self) -> AsyncAnthropic:
         """The SDK client for the running event loop, key and base URL (ConfigError without a key)."""

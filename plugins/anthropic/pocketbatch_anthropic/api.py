@@ -28,6 +28,7 @@ from pocketbatch import (
     Usage,
 )
 from pocketbatch.errors import error_for_status
+from pocketbatch.schema import is_recursive, refuse
 
 PROVIDER = "anthropic"
 KEY_ENV_VAR = "ANTHROPIC_API_KEY"
@@ -37,6 +38,56 @@ DEFAULT_MAX_TOKENS = 4096
 # Options are body params, sent the same way per call and in a batch: pocketbatch reads whole replies
 # (no stream), model and messages are LLMRequest fields, and SDK call settings have no place in a body.
 _RESERVED_OPTIONS = ("model", "messages", "stream", "extra_headers", "extra_query", "extra_body", "timeout")
+
+
+# What structured outputs refuse (platform.claude.com/docs/en/build-with-claude/structured-outputs,
+# "JSON Schema limitations"): keyword -> the pydantic feature that usually emits it.
+SCHEMA_REFUSES: dict[str, str] = {
+    "minimum": "Field(ge=...) or a numeric constraint",
+    "maximum": "Field(le=...) or a numeric constraint",
+    "exclusiveMinimum": "Field(gt=...)",
+    "exclusiveMaximum": "Field(lt=...)",
+    "multipleOf": "Field(multiple_of=...)",
+    "minLength": "Field(min_length=...) on a str",
+    "maxLength": "Field(max_length=...) on a str",
+    "maxItems": "Field(max_length=...) on a list",
+    "uniqueItems": "a set",
+    "prefixItems": "a tuple",
+    "contains": "array 'contains'",
+    "patternProperties": "object 'patternProperties'",
+    "propertyNames": "object 'propertyNames'",
+    "minProperties": "object 'minProperties'",
+    "maxProperties": "object 'maxProperties'",
+    "not": "'not'",
+    "if": "'if'/'then'/'else'",
+}
+SCHEMA_FORMATS = frozenset(
+    ("date-time", "time", "date", "duration", "email", "hostname", "uri", "ipv4", "ipv6", "uuid")
+)
+# The API's stop reasons as pocketbatch's finish reasons ("length": the answer was cut short).
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "model_context_window_exceeded": "length",
+    "refusal": "refusal",
+}
+
+
+def check_schema(schema: dict) -> None:
+    """ConfigError naming the field that structured outputs would refuse, before any call."""
+    if is_recursive(schema):
+        raise ConfigError("anthropic cannot take this schema: structured outputs refuse recursive schemas")
+    refuse(schema, "anthropic", SCHEMA_REFUSES, _schema_rule)
+
+
+def _schema_rule(node: dict) -> str | None:
+    if node.get("minItems", 0) not in (0, 1):
+        return f"minItems {node['minItems']} (only 0 or 1 are supported; Field(min_length=...) on a list)"
+    fmt = node.get("format")
+    if fmt is not None and fmt not in SCHEMA_FORMATS:
+        return f"format {fmt!r} (structured outputs take {', '.join(sorted(SCHEMA_FORMATS))})"
+    return None
 
 
 class InvalidRequest(ValueError):
@@ -94,6 +145,12 @@ def build_params(request: LLMRequest) -> dict[str, Any]:
         if "temperature" in options:
             raise InvalidRequest("temperature is given both as a field and in options")
         params["temperature"] = request.temperature
+    if request.schema is not None:
+        # Structured outputs' GA form, which the SDK's messages.create takes as `output_config`.
+        config = dict(options.pop("output_config", None) or {})
+        if config.get("format") is not None:
+            raise InvalidRequest("give either schema= or output_config.format, not both")
+        params["output_config"] = {**config, "format": {"type": "json_schema", "schema": request.schema}}
     params.update(options)
     return params
 
@@ -112,8 +169,10 @@ def to_response(message: Any, *, via: str, rate_limits: RateLimits | None = None
         + (getattr(usage, "cache_creation_input_tokens", None) or 0)
         + (getattr(usage, "cache_read_input_tokens", None) or 0)
     )
+    stop = getattr(message, "stop_reason", None)
     return LLMResponse(
         text,
+        finish_reason=FINISH_REASONS.get(stop, stop),
         usage=Usage(input_tokens=input_tokens, output_tokens=usage.output_tokens or 0),
         model=message.model,
         provider=PROVIDER,

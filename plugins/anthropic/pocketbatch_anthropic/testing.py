@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from pocketbatch.schema import example, nodes
 from pocketbatch.testing import respx_mocker
 
 from .api import ERROR_TYPE_STATUS
@@ -117,13 +118,47 @@ def prompt_text(params: dict) -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """What a `reply` function returns for a request the model refuses (stop_reason "refusal")."""
+
+    text: str = "I can't help with that."
+
+
+def output_schema(params: dict) -> dict | None:
+    """The JSON schema of a request's `output_config.format` (structured outputs), or None."""
+    fmt = (params.get("output_config") or {}).get("format")
+    return fmt.get("schema") if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else None
+
+
 def default_reply(params: dict) -> str:
-    """Deterministic text from the prompt, so a test can tell which reply answers which request."""
+    """Deterministic text from the prompt, so a test can tell which reply answers which request; a
+    structured-output request gets a deterministic instance of its schema, as JSON."""
+    schema = output_schema(params)
+    if schema is not None:
+        return json.dumps(example(schema, seed=prompt_text(params)))
     return f"reply to: {prompt_text(params)}"
 
 
 def _words(text: str) -> int:
     return len(text.split())
+
+
+def _check_output_config(config: Any) -> str | None:
+    """What the API says about an output_config.format it cannot take."""
+    if config is None:
+        return None
+    fmt = config.get("format") if isinstance(config, dict) else "?"
+    if fmt is None:
+        return None
+    schema = fmt.get("schema") if isinstance(fmt, dict) else None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(schema, dict):
+        return "output_config.format: expected {type: 'json_schema', schema: {...}}"
+    for path, node in nodes(schema):
+        is_object = "properties" in node or node.get("type") == "object"
+        if is_object and node.get("additionalProperties") is not False:
+            return f"output_config.format.schema: {path or 'root'}: additionalProperties must be false"
+    return None
 
 
 class AnthropicEmulator:
@@ -140,7 +175,8 @@ class AnthropicEmulator:
       them from `limits` and the tokens used so far (RFC 3339 resets, as the API sends).
     - `limits`: {"requests": 50, "input-tokens": 50_000, "output-tokens": 10_000} per minute.
     - `usage_extra` ({}): extra usage fields on every message, e.g. {"cache_read_input_tokens": 100}.
-    - `reply` (default_reply): params -> the reply text; it is cut to max_tokens words, a word a token.
+    - `reply` (default_reply): params -> the reply text (or a `Refusal`); it is cut to max_tokens
+      words, a word a token.
     """
 
     def __init__(self, base_url: str | None = None, *, seed: int = 0) -> None:
@@ -151,7 +187,7 @@ class AnthropicEmulator:
         self.ratelimit_headers: dict[str, str] | None = None
         self.limits = {"requests": 50, "input-tokens": 50_000, "output-tokens": 10_000}
         self.usage_extra: dict[str, int] = {}
-        self.reply: Callable[[dict], str] = default_reply
+        self.reply: Callable[[dict], str | Refusal] = default_reply
         self.max_batch_requests = 100_000
         self.requests: list[RecordedRequest] = []
         self.calls: Counter[str] = Counter()
@@ -325,13 +361,16 @@ class AnthropicEmulator:
         max_tokens = params.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return "max_tokens: must be an integer >= 1"
-        return None
+        return _check_output_config(params.get("output_config"))
 
     def _message(self, params: dict) -> dict:
         self._ids["message"] += 1
-        words = self.reply(params).split()
+        answer = self.reply(params)
+        words = (answer.text if isinstance(answer, Refusal) else answer).split()
         max_tokens = params["max_tokens"]
         stop_reason = "max_tokens" if len(words) > max_tokens else "end_turn"
+        if isinstance(answer, Refusal):
+            stop_reason = "refusal"
         text = " ".join(words[:max_tokens])
         system = params.get("system")
         system_text = system if isinstance(system, str) else _text_of(system)

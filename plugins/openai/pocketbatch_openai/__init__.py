@@ -23,15 +23,19 @@ from openai.resources.chat.completions import AsyncCompletions
 
 from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, RateLimits, Usage, hookimpl
 from pocketbatch.errors import LLMError, RateLimitError, error_for_status
+from pocketbatch.schema import refuse
 
 from .batch import OpenAIBatch
 
 __all__ = [
     "MODELS",
     "PRICES",
+    "SCHEMA_FORMATS",
+    "SCHEMA_REFUSES",
     "OpenAIBatch",
     "OpenAIProvider",
     "chat_body",
+    "finish_reason",
     "parse_duration",
     "parse_rate_limits",
     "parse_retry_after",
@@ -87,6 +91,33 @@ with contextlib.suppress(ImportError):
 # Reasoning models refuse `max_tokens` and want `max_completion_tokens` instead.
 _REASONING = re.compile(r"^(o\d|gpt-5)")
 
+# What strict structured outputs refuse (platform.openai.com/docs/guides/structured-outputs, "Supported
+# schemas"): keyword -> the pydantic feature that usually emits it. Checked before any call.
+SCHEMA_REFUSES: dict[str, str] = {
+    "minLength": "Field(min_length=...) on a str",
+    "maxLength": "Field(max_length=...) on a str",
+    "uniqueItems": "a set",
+    "prefixItems": "a tuple",
+    "contains": "array 'contains'",
+    "minContains": "array 'minContains'",
+    "maxContains": "array 'maxContains'",
+    "unevaluatedItems": "array 'unevaluatedItems'",
+    "patternProperties": "object 'patternProperties'",
+    "unevaluatedProperties": "object 'unevaluatedProperties'",
+    "propertyNames": "object 'propertyNames'",
+    "minProperties": "object 'minProperties'",
+    "maxProperties": "object 'maxProperties'",
+    "allOf": "composition other than anyOf",
+    "not": "'not'",
+    "if": "'if'/'then'/'else'",
+    "dependentRequired": "'dependentRequired'",
+    "dependentSchemas": "'dependentSchemas'",
+}
+SCHEMA_FORMATS = frozenset(
+    ("date-time", "time", "date", "duration", "email", "hostname", "ipv4", "ipv6", "uuid")
+)
+_SCHEMA_NAME = re.compile(r"[^a-zA-Z0-9_-]")
+
 # Keyword arguments of the SDK call that are not part of the request body.
 _TRANSPORT_OPTIONS = ("extra_headers", "extra_query", "timeout")
 _CREATE_PARAMS = frozenset(inspect.signature(AsyncCompletions.create).parameters) - {"self"}
@@ -114,6 +145,7 @@ class OpenAIProvider(Provider):
     tpm = 200_000
     max_concurrency = 0
     prices = PRICES
+    supports_schema = True  # response_format json_schema, strict, on both paths
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options: dict[str, Any] = dict(client_options or {})
@@ -136,6 +168,10 @@ class OpenAIProvider(Provider):
     def translate_error(e: openai.OpenAIError) -> LLMError:
         """The pocketbatch error for an SDK exception."""
         return translate_error(e)
+
+    def check_schema(self, schema: dict) -> None:
+        """ConfigError naming the field that strict structured outputs would refuse."""
+        refuse(schema, "openai", SCHEMA_REFUSES, _format_refused)
 
     @property
     def models(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -166,8 +202,11 @@ class OpenAIProvider(Provider):
             completion = raw.parse()
         except openai.OpenAIError as e:
             raise self.translate_error(e) from e
+        choice = completion.choices[0] if completion.choices else None
+        message = choice.message if choice else None
         return LLMResponse(
-            _text(completion.choices[0].message if completion.choices else None),
+            _text(message),
+            finish_reason=finish_reason(choice.finish_reason if choice else None, message),
             usage=Usage(
                 completion.usage.prompt_tokens if completion.usage else 0,
                 completion.usage.completion_tokens if completion.usage else 0,
@@ -178,6 +217,20 @@ class OpenAIProvider(Provider):
             raw=completion,
             rate_limits=parse_rate_limits(raw.headers),
         )
+
+
+def _format_refused(node: dict) -> str | None:
+    fmt = node.get("format")
+    if fmt is not None and fmt not in SCHEMA_FORMATS:
+        return f"format {fmt!r} (strict mode takes {', '.join(sorted(SCHEMA_FORMATS))})"
+    return None
+
+
+def finish_reason(reason: str | None, message: Any) -> str | None:
+    """pocketbatch's finish reason: "refusal" when the message carries one (structured outputs), else
+    OpenAI's own ("stop", "length", "content_filter", "tool_calls")."""
+    refusal = message.get("refusal") if isinstance(message, dict) else getattr(message, "refusal", None)
+    return "refusal" if refusal else reason
 
 
 def _text(message: Any) -> str:
@@ -207,6 +260,18 @@ def chat_body(request: LLMRequest) -> dict[str, Any]:
         body[param] = request.max_tokens
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.schema is not None:
+        if "response_format" in options:
+            raise ConfigError("give either schema= or a response_format option, not both")
+        title = str(request.schema.get("title") or "response")
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {
+                "name": _SCHEMA_NAME.sub("_", title)[:64] or "response",
+                "strict": True,
+                "schema": request.schema,
+            },
+        }
     body.update(options.pop("extra_body", None) or {})
     for k in _TRANSPORT_OPTIONS:
         options.pop(k, None)

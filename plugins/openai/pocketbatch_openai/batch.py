@@ -207,8 +207,11 @@ class OpenAIBatch(BatchAPI):
         choices = body.get("choices") or [{}]
         message = choices[0].get("message") or {}
         usage = body.get("usage") or {}
+        from . import finish_reason
+
         return LLMResponse(
             message.get("content") or message.get("refusal") or "",
+            finish_reason=finish_reason(choices[0].get("finish_reason"), message),
             usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
             model=body.get("model"),
             provider=self.provider.name,

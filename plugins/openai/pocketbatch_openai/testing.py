@@ -21,6 +21,7 @@ import email.policy
 import itertools
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from pocketbatch.schema import example, nodes
 from pocketbatch.testing import respx_mocker
 
 BASE_URL = "https://api.openai.com/v1"
@@ -48,10 +50,30 @@ _MESSAGES = {
 _QUOTA = "You exceeded your current quota, please check your plan and billing details."
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """What a `reply` function returns for a request the model refuses: the message's `refusal`."""
+
+    text: str = "I'm sorry, I can't help with that."
+
+
 def default_reply(body: dict) -> str:
-    """`Echo: <the last user message>`: deterministic, and distinct for distinct prompts."""
+    """`Echo: <the last user message>`: deterministic, and distinct for distinct prompts. A request with a
+    json_schema response_format gets a deterministic instance of its schema, as JSON."""
     users = [m for m in body.get("messages", []) if m.get("role") == "user"] or body.get("messages") or [{}]
-    return f"Echo: {_content_text(users[-1].get('content'))}"
+    prompt = _content_text(users[-1].get("content"))
+    schema = response_schema(body)
+    if schema is not None:
+        return json.dumps(example(schema, seed=prompt))
+    return f"Echo: {prompt}"
+
+
+def response_schema(body: dict) -> dict | None:
+    """The JSON schema of a request's `response_format` (type json_schema), or None."""
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return (fmt.get("json_schema") or {}).get("schema")
+    return None
 
 
 def _content_text(content: Any) -> str:
@@ -86,7 +108,8 @@ class OpenAIEmulator:
       `requests`: every httpx.Request answered, in order; `calls`: a Counter per route ("chat",
       "files.create", "files.retrieve", "files.content", "files.delete", "batches.create",
       "batches.retrieve", "batches.cancel", "batches.list"); `files` (id -> {"object", "content"}),
-      `deleted_files`, `batches` (id -> the batch as served), `batches_created`, `bodies(route)`.
+      `deleted_files`, `batches` (id -> the batch as served), `batches_created`, `bodies(route)`,
+      `uploaded_lines()` (every batch input line sent).
     Knobs:
       `fail_next(n, status=429, ...)` queues faults for a route (chat by default; 429 with
       `retry_after_ms`, 5xx, `code="insufficient_quota"`, `should_retry`, `timeout=True`);
@@ -95,7 +118,7 @@ class OpenAIEmulator:
       `fail_batch(errors=[...])` makes the next batch created end `failed` with that `errors.data`;
       `polls_per_state` (retrieve calls spent in validating, in_progress and finalizing, default 1);
       `cancel_completes` (share of lines done before a cancel, default 0.5); `shuffle` (output lines out
-      of input order, default True); `reply(body) -> str` (default `default_reply`); `snapshots`
+      of input order, default True); `reply(body) -> str | Refusal` (default `default_reply`); `snapshots`
       (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses).
     """
 
@@ -112,7 +135,7 @@ class OpenAIEmulator:
         self.polls_per_state = 1
         self.cancel_completes = 0.5
         self.shuffle = True
-        self.reply: Callable[[dict], str] = default_reply
+        self.reply: Callable[[dict], str | Refusal] = default_reply
         self.snapshots: dict[str, str] = {
             "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
             "gpt-4o": "gpt-4o-2024-08-06",
@@ -169,6 +192,16 @@ class OpenAIEmulator:
         """The next batch created ends `failed` on its first poll, with `errors` as its `errors.data`."""
         errors = errors or [{"code": "invalid_request", "line": 1, "message": "The batch was rejected."}]
         self._batch_failures.append([{"param": None, "line": None, **e} for e in errors])
+
+    def uploaded_lines(self) -> list[dict]:
+        """Every line of every batch input file uploaded, in order (kept after the file is deleted)."""
+        lines = []
+        for request, route in zip(self.requests, self._routes, strict=True):
+            if route == "files.create":
+                form = _multipart(request.headers.get("content-type", ""), request.content)
+                content = form.get("file", (None, b""))[1]
+                lines += [json.loads(line) for line in content.splitlines() if line.strip()]
+        return lines
 
     @property
     def batches_created(self) -> int:
@@ -308,13 +341,15 @@ class OpenAIEmulator:
 
     def completion(self, body: dict) -> dict:
         """The ChatCompletion the emulator answers `body` with (the same on the batch path)."""
-        text = self.reply(body)
+        answer = self.reply(body)
+        refusal = answer.text if isinstance(answer, Refusal) else None
+        text = "" if isinstance(answer, Refusal) else answer
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         finish = "stop"
         if limit is not None and _tokens(text) > limit:
             text, finish = " ".join(text.split()[:limit]), "length"
         prompt = " ".join(_content_text(m.get("content")) for m in body["messages"])
-        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(text)}
+        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(refusal or text)}
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         return {
             "id": f"chatcmpl-{next(self._ids)}",
@@ -326,7 +361,11 @@ class OpenAIEmulator:
                     "index": 0,
                     "finish_reason": finish,
                     "logprobs": None,
-                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "message": {
+                        "role": "assistant",
+                        "content": None if refusal is not None else text,
+                        "refusal": refusal,
+                    },
                 }
             ],
             "usage": usage,
@@ -557,6 +596,39 @@ def _check_chat_body(body: Any) -> str | None:
         return "'messages' must be a non-empty array."
     if not all(isinstance(m, dict) and "role" in m for m in messages):
         return "Each message needs a 'role'."
+    return _check_response_format(body.get("response_format"))
+
+
+_SCHEMA_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def _check_response_format(fmt: Any) -> str | None:
+    """What the API says about a json_schema response_format that strict mode cannot take (the rules
+    pocketbatch's conversion must meet: every property required, additionalProperties false)."""
+    if fmt is None or (isinstance(fmt, dict) and fmt.get("type") in ("text", "json_object")):
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return "Invalid value for 'response_format.type'."
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not _SCHEMA_NAME.match(str(spec.get("name", ""))):
+        return "Invalid 'response_format.json_schema.name': must match ^[a-zA-Z0-9_-]{1,64}$."
+    schema = spec.get("schema")
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return "Invalid schema for response_format: the root must be an object."
+    if spec.get("strict"):
+        for path, node in nodes(schema):
+            if "properties" in node or node.get("type") == "object":
+                if node.get("additionalProperties") is not False:
+                    return (
+                        f"Invalid schema for response_format '{spec['name']}': In context=({path!r}), "
+                        "'additionalProperties' is required to be supplied and to be false."
+                    )
+                if sorted(node.get("required") or []) != sorted(node.get("properties") or {}):
+                    return (
+                        f"Invalid schema for response_format '{spec['name']}': In context=({path!r}), "
+                        "'required' is required to be supplied and to be an array including every key in "
+                        "properties."
+                    )
     return None
 
 
