@@ -17,6 +17,7 @@ re-ask (a different request) may pass where its first answer failed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -42,7 +43,13 @@ def register_providers(register):
 
 
 def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
+    # Read on every call, so a test or a program can change it between calls; parsed once per value.
+    return _parse_number(name, os.environ.get(name, ""), default)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_number(name: str, raw: str, default: float) -> float:
+    raw = raw.strip()
     try:
         value = float(raw) if raw else default
     except ValueError:
