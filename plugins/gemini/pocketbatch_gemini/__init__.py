@@ -75,7 +75,6 @@ class GeminiProvider(Provider):
     """
 
     name = "gemini"
-    key_env_var = "GEMINI_API_KEY"
     default_model = "gemini-2.5-flash"
     # Tier-1 limits of gemini-2.5-pro, the lowest of the paid text models: only where learning starts.
     # Gemini sends no rate-limit headers, so the engine learns the real limit from 429s.
@@ -97,6 +96,12 @@ class GeminiProvider(Provider):
     @property
     def models(self) -> tuple[str, ...]:  # type: ignore[override]
         return () if os.environ.get(BASE_URL_ENV_VAR, "").strip() else MODELS
+
+    @property
+    def key_env_var(self) -> str:  # type: ignore[override]
+        """GOOGLE_API_KEY when it is set (the SDK prefers it, so it is the key in use), else GEMINI_API_KEY:
+        `pocketbatch providers` then shows the variable that really holds the key."""
+        return "GOOGLE_API_KEY" if os.environ.get("GOOGLE_API_KEY", "").strip() else "GEMINI_API_KEY"
 
     def api_key(self) -> str | None:
         """GOOGLE_API_KEY, else GEMINI_API_KEY (as the SDK picks); a ConfigError naming both when unset."""

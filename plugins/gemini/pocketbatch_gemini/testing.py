@@ -23,7 +23,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import pytest
@@ -162,6 +162,34 @@ class GeminiEmulator:
             for r, name in zip(self.requests, self._routes, strict=True)
             if name == route
         ]
+
+    # -- state that outlives a process, as a real server's does --------------------------------------
+
+    def state(self) -> dict:
+        """The emulated server's files and jobs as JSON-able data, for `GeminiEmulator.from_state`: a
+        test can kill a process mid-job and let another process find the job where it was."""
+        return {
+            "files": {
+                name: {"object": f["object"], "content": f["content"].decode("latin-1")}
+                for name, f in self.files.items()
+            },
+            "batches": self.batches,
+            "jobs": {name: asdict(job) for name, job in self._jobs.items()},
+            "next_id": next(self._ids),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, base_url: str = BASE_URL) -> GeminiEmulator:
+        """An emulator holding the files and jobs `state()` saved (its knobs start at their defaults)."""
+        emulator = cls(base_url)
+        emulator.files = {
+            name: {"object": f["object"], "content": f["content"].encode("latin-1")}
+            for name, f in state["files"].items()
+        }
+        emulator.batches = state["batches"]
+        emulator._jobs = {name: _Job(**job) for name, job in state["jobs"].items()}
+        emulator._ids = itertools.count(state["next_id"])
+        return emulator
 
     # -- running ---------------------------------------------------------------------------------
 

@@ -2,7 +2,14 @@
 registered in the core and the emulator on the other side of the SDK's HTTP calls."""
 
 import asyncio
+import json
 import logging
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,6 +20,7 @@ from pocketbatch.engine.limits import limiter_for
 from pocketbatch.journal import journal
 from pocketbatch.testing import ask_each
 from pocketbatch_gemini import GeminiProvider
+from pocketbatch_gemini.testing import GeminiEmulator
 
 MODEL = "gemini/gemini-2.5-flash"
 PRICE = (0.30, 2.50)  # gemini-2.5-flash, USD per million (input, output) tokens
@@ -224,3 +232,68 @@ async def test_the_limit_is_learned_from_429s_alone(gemini_emulator, register_pr
     assert summary.rate_limited > 0  # Gemini sends no rate-limit headers: only 429s teach the engine
     learned = limiter_for(provider, "gemini-2.5-flash").rpm
     assert learned < 6000 and limiter_for(provider, "gemini-2.5-flash").learning()["rpm"]
+
+
+# A first run in a process of its own: its emulator saves the server's state once the job exists, so the
+# job outlives the process when the test kills it, as a real Gemini job would.
+FIRST_RUN = """
+import asyncio, json, sys
+from pocketbatch.testing import ask_each
+from pocketbatch_gemini.testing import GeminiEmulator
+
+with GeminiEmulator() as emulator:
+    emulator.polls_per_state = 10**6  # the job runs until the process is killed
+    create = emulator._batch_create
+
+    def create_and_save(request, model):
+        response = create(request, model)
+        with open(sys.argv[1], "w") as f:
+            json.dump(emulator.state(), f)
+        return response
+
+    emulator._batch_create = create_and_save
+    asyncio.run(ask_each(json.loads(sys.argv[2]), model="gemini/gemini-2.5-flash", mode="batch"))
+"""
+
+
+def journaled_states(path):
+    try:
+        return [row[0] for row in sqlite3.connect(path).execute("SELECT state FROM jobs")]
+    except sqlite3.OperationalError:  # no journal, or no table in it yet
+        return []
+
+
+def kill_a_first_run_while_its_job_runs(journal_path, state_path, prompts):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETBATCH_", "GOOGLE_", "GEMINI_"))}
+    env.update(GEMINI_API_KEY="k", POCKETBATCH_JOURNAL=str(journal_path), POCKETBATCH_POLL_INTERVAL="0.05")
+    first = subprocess.Popen(
+        [sys.executable, "-c", FIRST_RUN, str(state_path), json.dumps(prompts)],
+        env=env,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while journaled_states(journal_path) != ["running"]:
+        assert first.poll() is None, first.stderr.read().decode()
+        assert time.monotonic() < deadline, "the first run never journaled its job"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+
+async def test_a_run_killed_while_its_job_runs_is_resumed_from_the_journal(
+    tmp_path, register_provider, pocketbatch_env, monkeypatch
+):
+    journal_path, state_path = tmp_path / "journal.sqlite3", tmp_path / "server.json"
+    prompts = [f"Summarise: text {i}" for i in range(3)]
+    kill_a_first_run_while_its_job_runs(journal_path, state_path, prompts)
+
+    monkeypatch.setenv("GEMINI_API_KEY", "k")
+    pocketbatch_env(POCKETBATCH_JOURNAL=str(journal_path), POCKETBATCH_POLL_INTERVAL="0.01")
+    register_provider(GeminiProvider())
+    with GeminiEmulator.from_state(json.loads(state_path.read_text())) as server:
+        replies, reasons = await ask(prompts, mode="batch")
+
+    assert replies == [f"Echo: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
+    assert "re-attaching to batches/" in reasons[0]
+    assert server.batches_created == 0 and server.calls["generate"] == 0  # nothing paid twice
+    assert journaled_states(journal_path) == ["collected"]

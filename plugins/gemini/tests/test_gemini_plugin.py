@@ -109,3 +109,16 @@ def test_pocketbatch_providers_lists_gemini(monkeypatch):
     assert row["plugin"] == "pocketbatch-gemini" and row["batch"] is True
     assert row["models"] == list(pocketbatch_gemini.MODELS) and row["default_model"] == "gemini-2.5-flash"
     assert (row["key_env_var"], row["key"]) == ("GEMINI_API_KEY", "set")
+
+
+def test_pocketbatch_providers_shows_google_api_key_when_it_holds_the_key():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETBATCH_", "GOOGLE_", "GEMINI_"))}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "pocketbatch"), "providers", "--json"],
+        env={**env, "GOOGLE_API_KEY": "k"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (row,) = [r for r in json.loads(out) if r["name"] == "gemini"]
+    assert (row["key_env_var"], row["key"]) == ("GOOGLE_API_KEY", "set")
