@@ -98,6 +98,7 @@ class GeminiEmulator:
     before a cancel takes effect, default 1: the REST API has no cancelling state); `shuffle` (results out of
     input order, default True: the API has been seen to answer inline requests out of order);
     `reply(request) -> str`; `thoughts_tokens` (thinking tokens reported on every reply);
+    `thought_summary` (a thought part put before each reply's text, as `include_thoughts` returns);
     `server_rpm` (a server-side request limit on generateContent, answered with 429 and a retryDelay,
     0 for none); `invalid_keys` (keys answered with 400 API_KEY_INVALID, as the real API does).
     """
@@ -118,6 +119,7 @@ class GeminiEmulator:
         self.shuffle = True
         self.reply: Callable[[dict], str] = default_reply
         self.thoughts_tokens = 0
+        self.thought_summary: str | None = None
         self.server_rpm: float = 0
         self.invalid_keys: set[str] = set()
         self._routes: list[str] = []
@@ -309,9 +311,12 @@ class GeminiEmulator:
         if self.thoughts_tokens:
             usage["thoughtsTokenCount"] = self.thoughts_tokens
         usage["totalTokenCount"] = sum(usage.values())
+        parts = [{"text": text}]
+        if self.thought_summary:  # what includeThoughts returns: a summary part flagged as a thought
+            parts.insert(0, {"text": self.thought_summary, "thought": True})
         return {
             "candidates": [
-                {"content": {"parts": [{"text": text}], "role": "model"}, "finishReason": finish, "index": 0}
+                {"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}
             ],
             "usageMetadata": usage,
             "modelVersion": model,

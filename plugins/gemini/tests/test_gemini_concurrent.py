@@ -26,6 +26,15 @@ async def test_thinking_tokens_count_as_output(provider, gemini_emulator, make_r
     assert reply.usage == Usage(3, 4 + 40)
 
 
+async def test_thought_summaries_are_not_part_of_the_text(provider, gemini_emulator, make_request):
+    gemini_emulator.thought_summary = "Let me think about the cat."
+    reply = await provider.call_llm_async(
+        make_request("the cat", options={"thinking_config": {"include_thoughts": True}})
+    )
+    assert reply == "Echo: the cat"
+    assert [p.thought for p in reply.raw.candidates[0].content.parts] == [True, None]
+
+
 async def test_system_roles_limits_and_options_are_mapped(provider, gemini_emulator):
     request = LLMRequest(
         messages=[
