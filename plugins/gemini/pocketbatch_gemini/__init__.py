@@ -20,8 +20,13 @@ from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, hookimpl
 
 from .api import (
     BASE_URL_ENV_VAR,
+    FINISH_REASONS,
     KEY_ENV_VARS,
+    SCHEMA_UNENFORCED,
     SDK_ERRORS,
+    check_schema,
+    finish_reason,
+    gemini_schema,
     generate_config,
     parse_retry_delay,
     response_text,
@@ -36,10 +41,15 @@ from .batch import GeminiBatch
 _TLS = httpx2.create_ssl_context()
 
 __all__ = [
+    "FINISH_REASONS",
     "MODELS",
     "PRICES",
+    "SCHEMA_UNENFORCED",
     "GeminiBatch",
     "GeminiProvider",
+    "check_schema",
+    "finish_reason",
+    "gemini_schema",
     "generate_config",
     "parse_retry_delay",
     "response_text",
@@ -86,6 +96,7 @@ class GeminiProvider(Provider):
     tpm = 2_000_000
     max_concurrency = 0
     prices = PRICES
+    supports_schema = True  # response_json_schema with response_mime_type application/json, both paths
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options: dict[str, Any] = dict(client_options or {})
@@ -116,6 +127,10 @@ class GeminiProvider(Provider):
         raise ConfigError(
             "gemini needs an API key: set the GEMINI_API_KEY (or GOOGLE_API_KEY) environment variable"
         )
+
+    def check_schema(self, schema: dict) -> None:
+        """ConfigError for a schema Gemini cannot take (a recursive one), before any call."""
+        check_schema(schema)
 
     def has_key(self) -> bool:
         return any(os.environ.get(name, "").strip() for name in KEY_ENV_VARS)
@@ -150,6 +165,7 @@ class GeminiProvider(Provider):
             raise translate_error(e) from e
         return LLMResponse(
             response_text(response),
+            finish_reason=finish_reason(response),
             usage=usage_of(response.usage_metadata),
             model=response.model_version or request.model,
             provider=self.name,
