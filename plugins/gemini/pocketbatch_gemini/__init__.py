@@ -10,6 +10,7 @@ import asyncio
 import os
 import weakref
 from collections.abc import Mapping
+from datetime import date
 from typing import Any
 
 import httpx2
@@ -20,8 +21,13 @@ from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, hookimpl
 
 from .api import (
     BASE_URL_ENV_VAR,
+    FINISH_REASONS,
     KEY_ENV_VARS,
+    SCHEMA_UNENFORCED,
     SDK_ERRORS,
+    check_schema,
+    finish_reason,
+    gemini_schema,
     generate_config,
     parse_retry_delay,
     response_text,
@@ -36,41 +42,78 @@ from .batch import GeminiBatch
 _TLS = httpx2.create_ssl_context()
 
 __all__ = [
+    "FINISH_REASONS",
     "MODELS",
     "PRICES",
+    "SCHEMA_UNENFORCED",
     "GeminiBatch",
     "GeminiProvider",
+    "check_schema",
+    "finish_reason",
+    "gemini_schema",
     "generate_config",
     "parse_retry_delay",
+    "prices_on",
     "response_text",
     "to_contents",
     "translate_error",
     "usage_of",
 ]
 
-# Text models the Gemini API serves; their bare names are aliases ("gemini-2.5-flash" -> gemini).
+# Text models the Gemini API serves; their bare names are aliases ("gemini-3.5-flash-lite" -> gemini).
+# Checked 2026-12-02 against what the search tool's stored pages say (no page was fetched live):
+# - gemini-3.8-flash, gemini-3.5-flash, gemini-3.5-flash-lite and gemini-3.1-pro-preview are the current
+#   models (Firebase AI Logic's structured-output page, firebase.google.com/docs/ai-logic/
+#   generate-structured-output, lists their ids; the pricing page below prices them);
+# - gemini-2.5-flash-lite "is not deprecated and remains available through the API until further notice";
+#   gemini-2.5-pro and gemini-2.5-flash were shut down on 2026-12-01 and since then "requests to
+#   gemini-2.5-pro are automatically routed to gemini-3.8-flash and requests to gemini-2.5-flash to
+#   gemini-3.5-flash-lite, billed at the new model's rates" (ai.google.dev/gemini-api/docs/deprecations
+#   as quoted, read 2026-11-10, by dev.to/aideprecations): they stay listed so existing code keeps
+#   resolving, priced as the model that now answers;
+# - gemini-2.0-flash and gemini-2.0-flash-lite are gone (shut down; Google's deprecations page names
+#   gemini-2.5-flash and -flash-lite as their replacements), so they are no longer listed.
 MODELS: tuple[str, ...] = (
+    "gemini-3.8-flash",
+    "gemini-3.5-flash",
+    "gemini-3.5-flash-lite",
+    "gemini-3.1-pro-preview",
+    "gemini-2.5-flash-lite",
     "gemini-2.5-pro",
     "gemini-2.5-flash",
-    "gemini-2.5-flash-lite",
-    "gemini-2.0-flash",
-    "gemini-2.0-flash-lite",
 )
 
-# USD per million (input, output) tokens at standard (non-batch) rates, text input, from
-# ai.google.dev/gemini-api/docs/pricing as of 2025-09. Output includes thinking tokens. gemini-2.5-pro
-# is the price of prompts up to 200k tokens (longer prompts cost 2.50 / 15.00: not modelled here).
-PRICES: dict[str, tuple[float, float]] = {
-    "gemini-2.5-pro": (1.25, 10.00),
-    "gemini-2.5-flash": (0.30, 2.50),
-    "gemini-2.5-flash-lite": (0.10, 0.40),
-    "gemini-2.0-flash": (0.10, 0.40),
-    "gemini-2.0-flash-lite": (0.075, 0.30),
-}
+
+def prices_on(day: date) -> dict[str, tuple[float, float]]:
+    """USD per million (input, output) tokens on `day`, standard (non-batch) paid-tier rates for text.
+
+    From ai.google.dev/gemini-api/docs/pricing, as transcribed verbatim from the page read on 2026-10-07
+    (github.com/api-evangelist/deepmind, plans/deepmind-plans-pricing.yml; the same figures in its
+    2026-09-20 reading, api-evangelist/gemini). Output includes thinking tokens. gemini-3.8-flash costs
+    "$0.75 through December 31, 2026" and "$1.50 starting January 1, 2027" for input, $3.75 then $7.50
+    for output, hence the date. gemini-3.1-pro-preview is the price of prompts up to 200k tokens (longer
+    ones cost 4.00 / 18.00: not modelled). gemini-2.5-flash-lite: the transcription gives its output
+    ($0.40) only; its input ($0.10) is from nicolalazzari.ai's 2026 summary of the same page. The two
+    retired 2.5 models are billed as the model their requests are routed to (see MODELS)."""
+    flash_38 = (0.75, 3.75) if day < date(2027, 1, 1) else (1.50, 7.50)
+    flash_lite_35 = (0.30, 2.50)
+    return {
+        "gemini-3.8-flash": flash_38,
+        "gemini-3.5-flash": (1.50, 9.00),
+        "gemini-3.5-flash-lite": flash_lite_35,
+        "gemini-3.1-pro-preview": (2.00, 12.00),
+        "gemini-2.5-flash-lite": (0.10, 0.40),
+        "gemini-2.5-pro": flash_38,  # routed to gemini-3.8-flash since 2026-12-01
+        "gemini-2.5-flash": flash_lite_35,  # routed to gemini-3.5-flash-lite since 2026-12-01
+    }
+
+
+# Read once, at import: a process running across 2027-01-01 keeps the old gemini-3.8-flash price.
+PRICES: dict[str, tuple[float, float]] = prices_on(date.today())
 
 
 class GeminiProvider(Provider):
-    """The `gemini` provider: `gemini/gemini-2.5-flash`, or any model a GOOGLE_GEMINI_BASE_URL serves.
+    """The `gemini` provider: `gemini/gemini-3.5-flash-lite`, or any model a GOOGLE_GEMINI_BASE_URL serves.
 
     `client_options` are extra `types.HttpOptions` fields for every client this provider builds (e.g.
     `{"timeout": 30_000}`, in milliseconds as the SDK counts them). Retries are always off (the engine
@@ -79,13 +122,14 @@ class GeminiProvider(Provider):
     """
 
     name = "gemini"
-    default_model = "gemini-2.5-flash"
-    # Tier-1 limits of gemini-2.5-pro, the lowest of the paid text models: only where learning starts.
+    default_model = "gemini-3.5-flash-lite"  # where gemini-2.5-flash, the default until its shutdown, goes
+    # Tier-1 limits of gemini-2.5-pro as written in 2025 (not re-checked): only where learning starts.
     # Gemini sends no rate-limit headers, so the engine learns the real limit from 429s.
     rpm = 150
     tpm = 2_000_000
     max_concurrency = 0
     prices = PRICES
+    supports_schema = True  # response_json_schema with response_mime_type application/json, both paths
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options: dict[str, Any] = dict(client_options or {})
@@ -116,6 +160,10 @@ class GeminiProvider(Provider):
         raise ConfigError(
             "gemini needs an API key: set the GEMINI_API_KEY (or GOOGLE_API_KEY) environment variable"
         )
+
+    def check_schema(self, schema: dict) -> None:
+        """ConfigError for a schema Gemini cannot take (a recursive one), before any call."""
+        check_schema(schema)
 
     def has_key(self) -> bool:
         return any(os.environ.get(name, "").strip() for name in KEY_ENV_VARS)
@@ -150,6 +198,7 @@ class GeminiProvider(Provider):
             raise translate_error(e) from e
         return LLMResponse(
             response_text(response),
+            finish_reason=finish_reason(response),
             usage=usage_of(response.usage_metadata),
             model=response.model_version or request.model,
             provider=self.name,

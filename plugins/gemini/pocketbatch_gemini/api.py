@@ -11,6 +11,7 @@ from google.genai import errors as genai_errors
 
 from pocketbatch import ConfigError, LLMRequest, Usage
 from pocketbatch.errors import LLMError, error_for_status
+from pocketbatch.schema import nodes
 
 KEY_ENV_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's order: GOOGLE_API_KEY wins
 BASE_URL_ENV_VAR = "GOOGLE_GEMINI_BASE_URL"
@@ -20,6 +21,38 @@ SDK_ERRORS = (
 )  # what an SDK call raises (transport errors pass through)
 _ROLES = {"user": "user", "assistant": "model", "model": "model"}
 _RESERVED = ("model", "contents", "system_instruction")
+_SCHEMA_OPTIONS = ("response_mime_type", "response_schema", "response_json_schema")
+
+# Structured output is `response_json_schema` (JSON Schema) with `response_mime_type="application/json"`.
+# What Gemini takes, from the field's own documentation in google-genai 3.6.1 (types.GenerateContentConfig.
+# response_json_schema, the API's generationConfig.responseJsonSchema), checked 2026-12-02: only `$id`,
+# `$defs`, `$ref`, `$anchor`, `type`, `format`, `title`, `description`, `enum` (strings and numbers),
+# `items`, `prefixItems`, `minItems`, `maxItems`, `minimum`, `maximum`, `anyOf`, `oneOf`, `properties`,
+# `additionalProperties`, `required` (and `propertyOrdering`) are supported; "cyclic references are
+# unrolled to a limited degree and, as such, may only be used within non-required properties" (also
+# discuss.ai.google.dev/t/recursive-schema-definition/68607). Other keywords are sent and not enforced
+# by Gemini's decoding (pocketbatch still validates every answer and re-asks); `const` goes as a
+# one-value `enum`, which Gemini does enforce.
+SCHEMA_UNENFORCED = (
+    "minLength", "maxLength", "pattern", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+    "uniqueItems", "allOf", "not", "if",
+)  # fmt: skip
+
+# Gemini's finish reasons (types.FinishReason) as pocketbatch's: "length" is a cut answer, "refusal" an
+# answer withheld by a safety, policy or recitation filter. Others are passed on in lower case.
+FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "refusal",
+    "RECITATION": "refusal",
+    "BLOCKLIST": "refusal",
+    "PROHIBITED_CONTENT": "refusal",
+    "SPII": "refusal",
+    "IMAGE_SAFETY": "refusal",
+    "IMAGE_PROHIBITED_CONTENT": "refusal",
+    "IMAGE_RECITATION": "refusal",
+    "MODEL_ARMOR": "refusal",
+}
 
 
 def to_contents(request: LLMRequest) -> list[dict[str, Any]]:
@@ -65,8 +98,67 @@ def generate_config(request: LLMRequest) -> dict[str, Any]:
         config["max_output_tokens"] = request.max_tokens
     if request.temperature is not None:
         config["temperature"] = request.temperature
+    if request.schema is not None:
+        given = [k for k in _SCHEMA_OPTIONS if k in options]
+        if given:
+            raise ConfigError(f"give either schema= or a {given[0]} option, not both")
+        config["response_mime_type"] = "application/json"
+        config["response_json_schema"] = gemini_schema(request.schema)
     config.update(options)
     return config
+
+
+def gemini_schema(schema: Any) -> Any:
+    """The strict schema as Gemini is sent it: every `const` becomes a one-value `enum` (Gemini enforces
+    `enum` and ignores `const`); nothing else changes."""
+    if isinstance(schema, list):
+        return [gemini_schema(v) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: gemini_schema(v) if k not in ("const", "enum") else v for k, v in schema.items()}
+    if "const" in out and "enum" not in out:
+        out["enum"] = [out.pop("const")]
+    return out
+
+
+def check_schema(schema: dict) -> None:
+    """ConfigError, before any call, for what Gemini cannot take: a recursive schema (it unrolls cycles
+    only through non-required properties, and a strict schema requires every property)."""
+    defs = schema.get("$defs") or {}
+    for name in defs:
+        if _reaches(defs, name, name, set()):
+            raise ConfigError(
+                f"gemini cannot take this schema: {name!r} refers back to itself, and Gemini follows a "
+                "recursive $ref only through optional properties (strict schemas make every property "
+                "required)"
+            )
+
+
+def _reaches(defs: dict, start: str, target: str, seen: set[str]) -> bool:
+    for _, node in nodes(defs[start]):
+        ref = node.get("$ref")
+        if not isinstance(ref, str) or not ref.startswith("#/$defs/"):
+            continue
+        name = ref[len("#/$defs/") :]
+        if name == target:
+            return True
+        if name in defs and name not in seen and _reaches(defs, name, target, seen | {name}):
+            return True
+    return False
+
+
+def finish_reason(response: Any) -> str | None:
+    """pocketbatch's finish reason for a GenerateContentResponse: the first candidate's, through
+    FINISH_REASONS; "refusal" when the prompt itself was blocked (no candidate, a block_reason)."""
+    candidates = getattr(response, "candidates", None) or []
+    if not candidates:
+        feedback = getattr(response, "prompt_feedback", None)
+        return "refusal" if feedback is not None and feedback.block_reason else None
+    reason = candidates[0].finish_reason
+    if reason is None:
+        return None
+    name = str(getattr(reason, "value", reason))
+    return FINISH_REASONS.get(name, name.lower())
 
 
 def response_text(response: Any) -> str:

@@ -15,7 +15,15 @@ from google.genai import batches as genai_batches
 from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
 from pocketbatch.errors import LLMError, error_for_status
 
-from .api import SDK_ERRORS, generate_config, response_text, to_contents, translate_error, usage_of
+from .api import (
+    SDK_ERRORS,
+    finish_reason,
+    generate_config,
+    response_text,
+    to_contents,
+    translate_error,
+    usage_of,
+)
 
 if TYPE_CHECKING:
     from . import GeminiProvider
@@ -227,6 +235,7 @@ class GeminiBatch(BatchAPI):
     def _response(self, response: Any) -> LLMResponse:
         return LLMResponse(
             response_text(response),
+            finish_reason=finish_reason(response),
             usage=usage_of(response.usage_metadata) if response.usage_metadata else Usage(),
             model=response.model_version,
             provider=self.provider.name,

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from pocketbatch.schema import example
 from pocketbatch.testing import respx_mocker
 
 BASE_URL = "https://generativelanguage.googleapis.com"
@@ -49,10 +50,35 @@ _STATUS = {
 }
 
 
-def default_reply(request: dict) -> str:
-    """`Echo: <the last user turn's text>`: deterministic, and distinct for distinct prompts."""
+@dataclass(frozen=True)
+class Refusal:
+    """What a `reply` function returns for a request Gemini withholds: the candidate ends with
+    `finishReason` `reason` (SAFETY, PROHIBITED_CONTENT, RECITATION, ...) and, as the API sends a
+    blocked candidate, no content unless `text` is given."""
+
+    text: str = ""
+    reason: str = "SAFETY"
+
+
+def prompt_text(request: dict) -> str:
+    """The text of the last user turn of a generateContent body."""
     users = [c for c in request.get("contents", []) if c.get("role", "user") == "user"] or [{}]
-    return f"Echo: {_text(users[-1])}"
+    return _text(users[-1])
+
+
+def response_schema(request: dict) -> dict | None:
+    """The JSON schema of a structured-output request (`generationConfig.responseJsonSchema`), or None."""
+    schema = (request.get("generationConfig") or {}).get("responseJsonSchema")
+    return schema if isinstance(schema, dict) else None
+
+
+def default_reply(request: dict) -> str:
+    """`Echo: <the last user turn's text>`: deterministic, and distinct for distinct prompts. A
+    structured-output request gets a deterministic instance of its schema, as JSON."""
+    schema = response_schema(request)
+    if schema is not None:
+        return json.dumps(example(schema, seed=prompt_text(request)))
+    return f"Echo: {prompt_text(request)}"
 
 
 def _text(content: dict) -> str:
@@ -97,7 +123,9 @@ class GeminiEmulator:
     `cancel_completes` (share of lines done before a cancel, default 0.5); `cancel_polls` (get calls
     before a cancel takes effect, default 1: the REST API has no cancelling state); `shuffle` (results out of
     input order, default True: the API has been seen to answer inline requests out of order);
-    `reply(request) -> str`; `thoughts_tokens` (thinking tokens reported on every reply);
+    `reply(request) -> str | Refusal` (default_reply: an instance of the schema for a structured-output
+    request; answers are cut to maxOutputTokens words, a word a token, ending MAX_TOKENS);
+    `thoughts_tokens` (thinking tokens reported on every reply);
     `thought_summary` (a thought part put before each reply's text, as `include_thoughts` returns);
     `server_rpm` (a server-side request limit on generateContent, answered with 429 and a retryDelay,
     0 for none); `invalid_keys` (keys answered with 400 API_KEY_INVALID, as the real API does).
@@ -117,7 +145,7 @@ class GeminiEmulator:
         self.cancel_completes = 0.5
         self.cancel_polls = 1
         self.shuffle = True
-        self.reply: Callable[[dict], str] = default_reply
+        self.reply: Callable[[dict], str | Refusal] = default_reply
         self.thoughts_tokens = 0
         self.thought_summary: str | None = None
         self.server_rpm: float = 0
@@ -164,6 +192,10 @@ class GeminiEmulator:
             for r, name in zip(self.requests, self._routes, strict=True)
             if name == route
         ]
+
+    def batch_requests(self) -> list[dict]:
+        """The request bodies (REST JSON) of every batch job's lines, inline or from a file, in order."""
+        return [line["request"] for job in self._jobs.values() for line in job.lines]
 
     # -- state that outlives a process, as a real server's does --------------------------------------
 
@@ -299,25 +331,33 @@ class GeminiEmulator:
 
     def generate(self, model: str, body: dict) -> dict:
         """The GenerateContentResponse (REST JSON) the emulator answers `body` with, on both paths."""
-        text = self.reply(body)
+        answer = self.reply(body)
+        refusal = answer if isinstance(answer, Refusal) else None
+        text = refusal.text if refusal is not None else answer
         config = body.get("generationConfig") or {}
         limit, finish = config.get("maxOutputTokens"), "STOP"
         if limit is not None and _tokens(text) > limit:
             text, finish = " ".join(text.split()[:limit]), "MAX_TOKENS"
+        if refusal is not None:
+            finish = refusal.reason
         prompt = " ".join(_text(c) for c in body["contents"])
         if body.get("systemInstruction"):
             prompt += " " + _text(body["systemInstruction"])
-        usage = {"promptTokenCount": _tokens(prompt), "candidatesTokenCount": _tokens(text)}
+        usage = {"promptTokenCount": _tokens(prompt), "candidatesTokenCount": _tokens(text) if text else 0}
         if self.thoughts_tokens:
             usage["thoughtsTokenCount"] = self.thoughts_tokens
         usage["totalTokenCount"] = sum(usage.values())
         parts = [{"text": text}]
         if self.thought_summary:  # what includeThoughts returns: a summary part flagged as a thought
             parts.insert(0, {"text": self.thought_summary, "thought": True})
+        candidate: dict[str, Any] = {"finishReason": finish, "index": 0}
+        if text or refusal is None:
+            candidate["content"] = {"parts": parts, "role": "model"}
+        if refusal is not None:  # a withheld candidate says which filter stopped it
+            category = "HARM_CATEGORY_DANGEROUS_CONTENT"
+            candidate["safetyRatings"] = [{"category": category, "probability": "HIGH", "blocked": True}]
         return {
-            "candidates": [
-                {"content": {"parts": parts, "role": "model"}, "finishReason": finish, "index": 0}
-            ],
+            "candidates": [candidate],
             "usageMetadata": usage,
             "modelVersion": model,
             "responseId": f"resp-{next(self._ids)}",
@@ -536,6 +576,23 @@ def _check_request(body: Any) -> str | None:
             return "Please use a valid role: user, model."
         if not content.get("parts"):
             return "* GenerateContentRequest.contents.parts: contents.parts must not be empty."
+    return _check_generation_config(body.get("generationConfig"))
+
+
+def _check_generation_config(config: Any) -> str | None:
+    """What the API says about a structured-output config it cannot take."""
+    if not isinstance(config, dict):
+        return None
+    if "responseSchema" in config and "responseJsonSchema" in config:
+        return "* GenerationConfig: response_schema and response_json_schema cannot both be set."
+    schema = config.get("responseJsonSchema", config.get("responseSchema"))
+    if schema is not None and config.get("responseMimeType") not in ("application/json", "text/x.enum"):
+        return (
+            "* GenerationConfig.response_mime_type: a response schema needs response_mime_type "
+            "'application/json' or 'text/x.enum'."
+        )
+    if "responseJsonSchema" in config and not isinstance(config["responseJsonSchema"], dict):
+        return "* GenerationConfig.response_json_schema: must be a JSON object."
     return None
 
 

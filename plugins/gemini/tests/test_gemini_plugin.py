@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import date
 from importlib import metadata
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 import pocketbatch_gemini
 from pocketbatch import ConfigError, Provider, Usage
-from pocketbatch_gemini import GeminiProvider
+from pocketbatch_gemini import GeminiProvider, prices_on
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_the_hook_registers_one_provider_with_bare_model_aliases():
         ("gemini/gemini-2.5-flash", "gemini-2.5-flash"),
         ("gemini/gemini-2.5-pro", "gemini-2.5-pro"),
         ("gemini-2.5-flash-lite", "gemini-2.5-flash-lite"),
-        ("gemini/gemini-2.0-flash", "gemini-2.0-flash"),
+        ("gemini/gemini-3.8-flash", "gemini-3.8-flash"),
+        ("gemini-3.5-flash-lite", "gemini-3.5-flash-lite"),
     ],
 )
 def test_model_names_resolve(registry, model, name, monkeypatch):
@@ -71,20 +73,31 @@ def test_unknown_models_are_refused_before_any_call(registry, monkeypatch):
     monkeypatch.delenv("GOOGLE_GEMINI_BASE_URL", raising=False)
     with pytest.raises(ConfigError, match="unknown model"):
         registry.resolve("gemini/gemini-9-ultra")
+    with pytest.raises(ConfigError, match="unknown model"):  # shut down
+        registry.resolve("gemini/gemini-2.0-flash")
 
 
 @pytest.mark.parametrize(
     ("model", "price"),
     [
-        ("gemini-2.5-flash", (0.30, 2.50)),
-        ("gemini-2.5-pro", (1.25, 10.00)),
+        ("gemini-3.5-flash-lite", (0.30, 2.50)),
+        ("gemini-3.5-flash", (1.50, 9.00)),
+        ("gemini-3.1-pro-preview", (2.00, 12.00)),
         ("gemini-2.5-flash-lite", (0.10, 0.40)),
-        ("gemini-2.0-flash-lite", (0.075, 0.30)),
+        ("gemini-2.5-flash", (0.30, 2.50)),  # billed as gemini-3.5-flash-lite, where it is routed
+        ("gemini-2.0-flash-lite", None),
         ("gemini-1.5-flash", None),
     ],
 )
 def test_prices(model, price):
     assert GeminiProvider().price(model) == price
+
+
+def test_gemini_3_8_flash_and_the_requests_routed_to_it_cost_double_from_2027():
+    assert prices_on(date(2026, 12, 31))["gemini-3.8-flash"] == (0.75, 3.75)
+    assert prices_on(date(2027, 1, 1))["gemini-3.8-flash"] == (1.50, 7.50)
+    assert prices_on(date(2027, 1, 1))["gemini-2.5-pro"] == (1.50, 7.50)
+    assert pocketbatch_gemini.PRICES == prices_on(date.today())
 
 
 def test_every_priced_model_is_listed_and_the_batch_costs_half():
@@ -107,7 +120,9 @@ def test_pocketbatch_providers_lists_gemini(monkeypatch):
     ).stdout
     (row,) = [r for r in json.loads(out) if r["name"] == "gemini"]
     assert row["plugin"] == "pocketbatch-gemini" and row["batch"] is True
-    assert row["models"] == list(pocketbatch_gemini.MODELS) and row["default_model"] == "gemini-2.5-flash"
+    assert (
+        row["models"] == list(pocketbatch_gemini.MODELS) and row["default_model"] == "gemini-3.5-flash-lite"
+    )
     assert (row["key_env_var"], row["key"]) == ("GEMINI_API_KEY", "set")
 
 

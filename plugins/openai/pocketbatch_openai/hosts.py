@@ -20,31 +20,34 @@ from .batch import ENDPOINT, Job, OpenAIBatch
 
 # -- Groq ---------------------------------------------------------------------------------------------
 
-# Chat models on console.groq.com/docs/models; names carry the model's maker (`openai/gpt-oss-20b`), so
-# they are written in full after the provider: `groq/openai/gpt-oss-20b`.
+# Groq's chat models, checked 2026-12-02 with the search tool's stored pages (none fetched live). Groq
+# decommissioned llama-3.3-70b-versatile and llama-3.1-8b-instant on 2026-08-16 (release notes of
+# github.com/papi-ai/groq v0.15.2 and github.com/offpeak-ai/offpeak v0.2.3, both citing
+# console.groq.com/docs/deprecations); offpeak's audit of the live list (August 2026) found the gpt-oss
+# models (120b, 20b, safeguard-20b) and Groq's own compound systems, no Kimi. Names carry the model's
+# maker (`openai/gpt-oss-20b`), so they are written in full after the provider: `groq/openai/gpt-oss-20b`.
 GROQ_MODELS: tuple[str, ...] = (
     "openai/gpt-oss-120b",
     "openai/gpt-oss-20b",
-    "moonshotai/kimi-k2-instruct-0905",
-    "llama-3.3-70b-versatile",
-    "llama-3.1-8b-instant",
+    "openai/gpt-oss-safeguard-20b",
 )
 
-# USD per million (input, output) tokens, groq.com/pricing as of 2025-09. Check the page before trusting
-# a bill to these numbers.
+# USD per million (input, output) tokens. openai/gpt-oss-120b: 0.15 / 0.60 on groq.com/pricing and
+# console.groq.com/docs/models, as quoted by tokenmix.ai (verified 2026-06-04) and by
+# braintrustdata/braintrust-proxy issues #479, #566 and #925 (2026). openai/gpt-oss-20b: the sources
+# disagree (0.10 / 0.50 at requesty.ai, which passes Groq's price on; 0.075 / 0.30 in the aicost crate),
+# and none shows Groq's page itself, so it has no price here (cost_usd None), nor has
+# openai/gpt-oss-safeguard-20b, for which no price was found.
 GROQ_PRICES: dict[str, tuple[float, float]] = {
-    "openai/gpt-oss-120b": (0.15, 0.75),
-    "openai/gpt-oss-20b": (0.10, 0.50),
-    "moonshotai/kimi-k2-instruct-0905": (1.00, 3.00),
-    "llama-3.3-70b-versatile": (0.59, 0.79),
-    "llama-3.1-8b-instant": (0.05, 0.08),
+    "openai/gpt-oss-120b": (0.15, 0.60),
 }
 
-# Groq's batch discount applies to the models its batch page lists, not to every model it serves; the
-# others run in a batch at the full price (so auto mode runs them concurrently).
-GROQ_BATCH_DISCOUNTED: frozenset[str] = frozenset(
-    {"openai/gpt-oss-120b", "openai/gpt-oss-20b", "llama-3.3-70b-versatile", "llama-3.1-8b-instant"}
-)
+# Groq's batch discount: 50 % (tokenmix.ai, 2026-06-04; hivebook's Groq API page, May 2026). Groq's batch
+# page (console.groq.com/docs/batch) names the models it applies to, but its stored versions list only
+# models since shut down (and one, older, a 25 % discount); which of today's models it covers was not
+# found. pocketbatch assumes the gpt-oss chat models, as before: check the page. Other models run in a
+# batch at the full price (so auto mode runs them concurrently).
+GROQ_BATCH_DISCOUNTED: frozenset[str] = frozenset({"openai/gpt-oss-120b", "openai/gpt-oss-20b"})
 
 
 class GroqBatch(OpenAIBatch):
@@ -100,26 +103,28 @@ class GroqProvider(OpenAIProvider):
 
 # -- Together -----------------------------------------------------------------------------------------
 
-# A few of Together's serverless chat models, for their prices; Together serves hundreds and adds more
-# often, so any name is accepted (`together/<the model's full name>`).
-TOGETHER_MODELS: tuple[str, ...] = (
-    "meta-llama/Llama-3.3-70B-Instruct-Turbo",
-    "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
-    "deepseek-ai/DeepSeek-V3",
-    "Qwen/Qwen2.5-72B-Instruct-Turbo",
-    "openai/gpt-oss-120b",
-    "openai/gpt-oss-20b",
-)
-
-# USD per million (input, output) tokens, together.ai/pricing as of 2025-09.
+# A few of Together's serverless chat models, for their prices; Together serves many more and changes
+# them often, so any name is accepted (`together/<the model's full name>`). USD per million (input,
+# output) tokens from Together's serverless catalog (docs.together.ai/docs/serverless/models), as
+# Together's own github.com/togethercomputer/skills snapshots it "as of 2026-10-07"
+# (skills/together-ai/references/chat-completions/models.md). Models of the 2025 table that are no longer
+# in that catalog (Meta-Llama-3.1-8B-Instruct-Turbo, DeepSeek-V3, Qwen2.5-72B-Instruct-Turbo,
+# gpt-oss-20b) are left out: any name still works, with cost_usd None.
 TOGETHER_PRICES: dict[str, tuple[float, float]] = {
-    "meta-llama/Llama-3.3-70B-Instruct-Turbo": (0.88, 0.88),
-    "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo": (0.18, 0.18),
-    "deepseek-ai/DeepSeek-V3": (1.25, 1.25),
-    "Qwen/Qwen2.5-72B-Instruct-Turbo": (1.20, 1.20),
+    "meta-llama/Llama-3.3-70B-Instruct-Turbo": (1.04, 1.04),
     "openai/gpt-oss-120b": (0.15, 0.60),
-    "openai/gpt-oss-20b": (0.05, 0.20),
+    "moonshotai/Kimi-K3": (3.00, 15.00),
+    "zai-org/GLM-5.3": (1.40, 4.40),
+    "zai-org/GLM-5.3-Flash": (0.15, 0.50),
+    "deepseek-ai/DeepSeek-V4.1-Flash": (0.30, 1.20),
+    "Qwen/Qwen3.5-9B": (0.17, 0.25),
 }
+TOGETHER_MODELS: tuple[str, ...] = tuple(TOGETHER_PRICES)
+
+# Together's batch API is "up to 50%" cheaper: the same snapshot (skills/together-ai/domains/
+# batch-inference.md) says "the 50% discount applies to meta-llama/Llama-3.3-70B-Instruct-Turbo" (and a
+# speech model); "other models run at standard rates".
+TOGETHER_BATCH_DISCOUNTED: frozenset[str] = frozenset({"meta-llama/Llama-3.3-70B-Instruct-Turbo"})
 
 # Together's job states, in OpenAI's names for the rest of the batch path.
 _TOGETHER_STATES = {
@@ -137,7 +142,8 @@ _AUTH: dict[str, Any] = {"security": {"bearer_auth": True}}
 class TogetherBatch(OpenAIBatch):
     """Together's batch API: OpenAI's JSONL lines, but its own files endpoint (`/files/upload`, purpose
     `batch-api`), a created job wrapped in `{"job": ...}`, upper-case states, and a `progress` percentage
-    instead of request counts (reported as `counts={"progress": percent}`).
+    instead of request counts (reported as `counts={"progress": percent}`). 50% off only the models in
+    TOGETHER_BATCH_DISCOUNTED; the others cost the full price in a batch.
 
     The `openai` SDK's typed batch methods cannot read Together's job, so these go through the SDK
     client's plain `get`/`post` (same auth, timeouts and error translation); results and file deletes
@@ -148,6 +154,9 @@ class TogetherBatch(OpenAIBatch):
     max_requests = 50_000
     max_bytes = 100_000_000  # Together's 100 MB per input file
     completion_window = "24h"  # Together's only window, a best-effort target
+
+    def price_factor_for(self, model: str) -> float:
+        return self.price_factor if model in TOGETHER_BATCH_DISCOUNTED else 1.0
 
     async def _upload(self, client: openai.AsyncOpenAI, data: bytes) -> str:
         file = await client.post(

@@ -62,14 +62,15 @@ def test_groq_declaration():
         "GROQ_API_KEY",
         "https://api.groq.com/openai/v1",
     )
-    assert groq.models == GROQ_MODELS and set(groq.prices) == set(GROQ_MODELS)
+    assert groq.models == GROQ_MODELS and set(groq.prices) <= set(GROQ_MODELS)
+    assert groq.price("openai/gpt-oss-120b") == (0.15, 0.60) and groq.price("openai/gpt-oss-20b") is None
     assert (groq.batch.max_requests, groq.batch.max_bytes, groq.batch.completion_window) == (
         50_000,
         200_000_000,
         "24h",
     )
     assert groq.batch.price_factor_for("openai/gpt-oss-20b") == 0.5
-    assert groq.batch.price_factor_for("moonshotai/kimi-k2-instruct-0905") == 1.0
+    assert groq.batch.price_factor_for("openai/gpt-oss-safeguard-20b") == 1.0
     assert GROQ_BATCH_DISCOUNTED < set(GROQ_MODELS)
 
 
@@ -133,11 +134,11 @@ async def test_groq_batch_round_at_half_price_for_a_discounted_model(
 
     groq.batch.submit = mark_second_line_bad
     prompts = [f"Summarise: text {i}" for i in range(3)]
-    replies, reasons = await ask(prompts, "groq/openai/gpt-oss-20b", mode="batch")
+    replies, reasons = await ask(prompts, "groq/openai/gpt-oss-120b", mode="batch")
 
     assert isinstance(replies[1], RequestError) and "Groq batch" in replies[1].message
     assert [replies[0], replies[2]] == ["Echo: Summarise: text 0", "Echo: Summarise: text 2"]
-    assert replies[0].via == "batch" and replies[0].cost_usd == pytest.approx((3 * 0.10 + 4 * 0.50) / 2e6)
+    assert replies[0].via == "batch" and replies[0].cost_usd == pytest.approx((3 * 0.15 + 4 * 0.60) / 2e6)
     assert "using the batch API, 50% cheaper" in reasons[0]
     (create,) = groq_emulator.bodies("batches.create")
     assert (
@@ -149,19 +150,21 @@ async def test_auto_mode_runs_a_model_without_a_batch_discount_concurrently(
     groq_emulator, register_provider, pocketbatch_env, caplog
 ):
     pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_BATCH_MIN_ITEMS="3")
-    register_provider(strict(GroqProvider))
+    groq = register_provider(strict(GroqProvider))
+    # A price for the undiscounted model, so the full price can be checked (Groq's is not known).
+    groq.prices = {**groq.prices, "openai/gpt-oss-safeguard-20b": (1.00, 3.00)}
     prompts = [f"Summarise: text {i}" for i in range(4)]
 
     with caplog.at_level(logging.INFO, logger="pocketbatch"):
-        replies, reasons = await ask(prompts, "groq/moonshotai/kimi-k2-instruct-0905")
+        replies, reasons = await ask(prompts, "groq/openai/gpt-oss-safeguard-20b")
     assert {r.via for r in replies} == {"concurrent"} and groq_emulator.batches_created == 0
-    assert "groq has no batch discount for moonshotai/kimi-k2-instruct-0905" in reasons[0]
+    assert "groq has no batch discount for openai/gpt-oss-safeguard-20b" in reasons[0]
     assert "groq has no batch discount" in caplog.text
 
     replies, reasons = await ask(prompts, "groq/openai/gpt-oss-120b")  # a discounted model batches
     assert {r.via for r in replies} == {"batch"} and groq_emulator.batches_created == 1
 
-    replies, reasons = await ask(prompts[:1], "groq/moonshotai/kimi-k2-instruct-0905", mode="batch")
+    replies, reasons = await ask(prompts[:1], "groq/openai/gpt-oss-safeguard-20b", mode="batch")
     assert replies[0].via == "batch" and "at no discount" in reasons[0]
     assert replies[0].cost_usd == pytest.approx((3 * 1.00 + 4 * 3.00) / 1e6)  # the full price
 
@@ -180,7 +183,10 @@ def test_together_declaration():
         "meta-llama/Llama-3.3-70B-Instruct-Turbo"
     )
     assert (together.batch.max_requests, together.batch.max_bytes) == (50_000, 100_000_000)
-    assert together.batch.price_factor_for("anything") == 0.5
+    assert together.batch.price_factor_for("meta-llama/Llama-3.3-70B-Instruct-Turbo") == 0.5
+    assert together.batch.price_factor_for("openai/gpt-oss-120b") == 1.0  # only Llama 3.3 is discounted
+    assert together.price("meta-llama/Llama-3.3-70B-Instruct-Turbo") == (1.04, 1.04)
+    assert together.price("openai/gpt-oss-20b") is None
 
 
 async def test_together_chat_and_its_401(together_emulator):
@@ -254,9 +260,9 @@ async def test_together_rounds_through_the_engine(together_emulator, register_pr
     pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
     register_provider(strict(TogetherProvider))
     prompts = [f"Summarise: text {i}" for i in range(3)]
-    replies, reasons = await ask(prompts, "together/openai/gpt-oss-20b", mode="batch")
+    replies, reasons = await ask(prompts, "together/meta-llama/Llama-3.3-70B-Instruct-Turbo", mode="batch")
     assert replies == [f"Echo: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
-    assert replies[0].cost_usd == pytest.approx((3 * 0.05 + 4 * 0.20) / 2e6)
+    assert replies[0].cost_usd == pytest.approx((3 * 1.04 + 4 * 1.04) / 2e6)
     assert together_emulator.batches_created == 1 and "50% cheaper" in reasons[0]
 
 
