@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketbatch import LLMResponse, RequestError, Usage
+from pocketbatch import LLMResponse, RequestError, TransientError, Usage
 from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
@@ -301,3 +301,75 @@ def test_a_lease_left_by_a_dead_process_does_not_hold(tmp_path):
     assert not store.acquire("r", f"{here}:{os.getpid()}:z")  # a live holder (elsewhere:1) holds it
     store.release("r", "elsewhere:1:y")
     assert store.acquire("r", f"{here}:{os.getpid()}:z")
+
+
+# -- no double submission ------------------------------------------------------------------------
+
+KILLED_AFTER_CREATE = """
+import os, signal, sys
+from pocketbatch.cli import main
+from pocketbatch.default_plugins.offline import OfflineBatch
+
+create = OfflineBatch.submit_tagged
+
+async def create_then_die(self, items, tag):
+    await create(self, items, tag)  # the provider has the job; its id never reaches the journal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+OfflineBatch.submit_tagged = create_then_die
+sys.argv = ["pocketbatch", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_killed_between_create_and_the_journal_write_the_rerun_finds_the_job(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="0.2")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(f"prompt {i}") + "\n" for i in range(20)))
+    args = ["run", str(src), "-o", str(tmp_path / "out.jsonl"), "--mode", "batch"]
+    first = subprocess.run([sys.executable, "-c", KILLED_AFTER_CREATE, *args], env=env, capture_output=True)
+    assert first.returncode == -signal.SIGKILL
+    assert job_states(tmp_path) == []  # no job id was written down, only the "submitting" row
+    assert len(list((tmp_path / "offline").glob("*.json"))) == 1
+    finish_and_check(tmp_path, env)  # one job in all: the re-run found it at the provider
+    assert job_states(tmp_path) == ["collected"]
+    rows = sqlite3.connect(tmp_path / "journal.sqlite3").execute("SELECT * FROM submissions").fetchall()
+    assert rows == []
+
+
+async def test_a_lost_answer_to_the_create_call_is_looked_up_before_submitting_again(monkeypatch):
+    create = OfflineBatch.submit_tagged
+    lost = []
+
+    async def answer_lost_once(self, items, tag):
+        job_id = await create(self, items, tag)
+        if not lost:
+            lost.append(job_id)
+            raise TransientError("the connection dropped before the answer came")  # the job exists
+        return job_id
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", answer_lost_once)
+    out, _ = await run([1, 2, 3])
+    assert [f"say {i}" in r for i, r in zip([1, 2, 3], out, strict=True)] == [True] * 3
+    assert {r.via for r in out} == {"batch"} and jobs_submitted() == 1
+    assert [j.job_id for j in journal().jobs()] == lost
+
+
+async def test_a_provider_that_cannot_find_jobs_keeps_the_submitting_row_after_failing(
+    monkeypatch, pocketbatch_env
+):
+    async def always_lost(self, items, tag):
+        raise TransientError("the connection dropped")
+
+    async def finds_nothing(self, tag, items, since):
+        return None
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", always_lost)
+    monkeypatch.setattr(OfflineBatch, "find", finds_nothing)
+    pocketbatch_env(POCKETBATCH_MAX_RETRIES="2", POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_MODE="batch",
+                    POCKETBATCH_PROVIDER="offline")  # fmt: skip
+    out, _ = await run([1, 2])
+    assert {r.via for r in out} == {"concurrent"}  # answered all the same
+    [(key,)] = journal().db.execute("SELECT DISTINCT round FROM submissions").fetchall()
+    [sub] = journal().submissions(key)
+    assert len(sub.custom_ids) == 2  # a later run of a round with these requests asks the provider first

@@ -49,6 +49,33 @@ CREATE TABLE IF NOT EXISTS outcomes (
     outcome TEXT NOT NULL,
     PRIMARY KEY (round, custom_id)
 );
+CREATE TABLE IF NOT EXISTS submissions (
+    round TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    custom_ids TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (round, tag)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    first_used REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+"""
+
+# Journals written before the rounds table get one row per round they know, used "now": pruning then
+# counts their age from the upgrade, never deleting what it cannot date.
+BACKFILL_ROUNDS = """
+INSERT OR IGNORE INTO rounds
+    SELECT round, provider, model, MIN(submitted_at), MAX(COALESCE(ended_at, submitted_at)) FROM jobs
+    GROUP BY round;
+INSERT OR IGNORE INTO rounds
+    SELECT DISTINCT round, '', '', CAST(strftime('%s', 'now') AS REAL), CAST(strftime('%s', 'now') AS REAL)
+    FROM outcomes;
 """
 
 OPEN_STATES = ("running", "cancelling")  # the provider may still deliver: re-attach
@@ -67,6 +94,13 @@ class Job:
     counts: dict[str, int] | None
 
 
+@dataclass
+class Submission:
+    tag: str  # the chunk's tag, also kept on the job at the provider where its API allows
+    custom_ids: list[str]
+    started_at: float
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +108,10 @@ class Journal:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers and several writing processes at once
         self.db.execute("PRAGMA synchronous=NORMAL")
+        fresh = not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rounds'").fetchone()
         self.db.executescript(SCHEMA)
+        if fresh:
+            self.db.executescript(f"BEGIN IMMEDIATE; {BACKFILL_ROUNDS} COMMIT;")
         self.lock = threading.Lock()  # one connection may serve the sync call_llm thread too
 
     @contextmanager
@@ -92,11 +129,63 @@ class Journal:
         with self.lock:
             return self.db.execute(query, args).fetchall()
 
-    def add_job(self, job_id: str, round: str, provider: str, model: str, custom_ids: list[str]) -> None:
+    def add_job(
+        self,
+        job_id: str,
+        round: str,
+        provider: str,
+        model: str,
+        custom_ids: list[str],
+        tag: str | None = None,
+    ) -> None:
+        """Record a job the provider accepted; with `tag`, in the same transaction as its submission
+        row goes away (the job is known by its id from now on)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
                 (job_id, round, provider, model, json.dumps(custom_ids), time.time()),
+            )
+            if tag is not None:
+                db.execute("DELETE FROM submissions WHERE round = ? AND tag = ?", (round, tag))
+
+    def start_submission(
+        self, round: str, tag: str, provider: str, model: str, custom_ids: list[str]
+    ) -> float:
+        """Write down that these requests are about to be submitted as one job, before the create call:
+        a run that finds the row and no job id asks the provider for the job before submitting again.
+        Returns when it started (an earlier row of the same chunk keeps its older time)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (round, tag) DO NOTHING",
+                (round, tag, provider, model, json.dumps(custom_ids), now),
+            )
+            row = db.execute(
+                "SELECT started_at FROM submissions WHERE round = ? AND tag = ?", (round, tag)
+            ).fetchone()
+        return row[0]
+
+    def end_submission(self, round: str, tag: str) -> None:
+        """The chunk was not submitted after all (rejected, or split in two): forget its row."""
+        with self._tx() as db:
+            db.execute("DELETE FROM submissions WHERE round = ? AND tag = ?", (round, tag))
+
+    def submissions(self, round: str) -> list[Submission]:
+        """Chunks of this round whose create call was made but whose job id was never written down."""
+        rows = self._read(
+            "SELECT tag, custom_ids, started_at FROM submissions WHERE round = ? ORDER BY started_at",
+            (round,),
+        )
+        return [Submission(tag, json.loads(ids), started) for tag, ids, started in rows]
+
+    def touch(self, round: str, provider: str, model: str) -> None:
+        """Record that the round was used now (prune keeps rounds used recently)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (round) DO UPDATE SET last_used = excluded.last_used",
+                (round, provider, model, now, now),
             )
 
     def set_state(self, job_id: str, state: str, counts: dict[str, int] | None = None) -> None:
@@ -127,13 +216,17 @@ class Journal:
         query = (
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE round = ?)"
             " OR EXISTS (SELECT 1 FROM outcomes WHERE round = ?)"
+            " OR EXISTS (SELECT 1 FROM submissions WHERE round = ?)"
         )
-        return bool(self._read(query, (round, round))[0][0])
+        return bool(self._read(query, (round, round, round))[0][0])
 
     def has_jobs(self, provider: str, model: str) -> bool:
-        """Whether any batch job to this provider's model is recorded."""
-        query = "SELECT EXISTS (SELECT 1 FROM jobs WHERE provider = ? AND model = ?)"
-        return bool(self._read(query, (provider, model))[0][0])
+        """Whether any batch job to this provider's model is recorded (or was being submitted)."""
+        query = (
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE provider = ? AND model = ?)"
+            " OR EXISTS (SELECT 1 FROM submissions WHERE provider = ? AND model = ?)"
+        )
+        return bool(self._read(query, (provider, model, provider, model))[0][0])
 
     def jobs(self, round: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", ()

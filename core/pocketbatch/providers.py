@@ -151,6 +151,20 @@ class BatchAPI:
     async def cancel(self, job_id: str) -> None:
         raise NotImplementedError
 
+    # Added to the contract later; the defaults keep older plugins working (untagged, never found).
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        """`submit`, keeping `tag` (at most 64 of `[a-zA-Z0-9_-]`) on the job where the API allows it
+        (OpenAI: `metadata`), so that `find` can tell the job later. The default submits untagged."""
+        return await self.submit(items)
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The id of a job created for exactly these items at or after `since` (epoch seconds, this
+        machine's clock) whose id never reached the journal: the answer to the create call was lost, or
+        the process died before writing it down. None when there is none, or when the API cannot tell.
+        The engine asks before it submits the same items again. The default finds nothing."""
+        return None
+
 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)")
 
