@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import journal as journals
 from ..config import settings
-from ..errors import BatchError, LLMError
+from ..errors import BatchError, LLMError, TransientError
 from ..providers import LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
@@ -274,14 +274,14 @@ class BatchRound:
         api = self.api
         ids = [cid for cid, _ in chunk]
         tag = chunk_tag(self.key, ids)
-        since = earlier.started_at if earlier is not None else None
+        since = earlier.started_at if earlier is not None else time.time()
         if self.journal is not None:
             since = self.journal.start_submission(self.key, tag, self.provider.name, self.model, ids)
         asked = earlier is not None  # a create call for this chunk may have reached the provider
 
         async def submit() -> str:
             nonlocal asked
-            if asked and since is not None:
+            if asked:
                 found = await api.find(tag, chunk, since)
                 if found is not None:
                     log.info(
@@ -293,7 +293,12 @@ class BatchRound:
                     )
                     return found
             asked = True
-            return await api.submit_tagged(chunk, tag)
+            try:
+                return await api.submit_tagged(chunk, tag)
+            except BatchError as e:
+                if e.status is None and e.retryable:  # no answer at all: the job may exist all the same
+                    raise TransientError(f"{e} (no answer: looking for the job before trying again)") from e
+                raise
 
         try:
             job_id = await with_retries(submit)
@@ -312,7 +317,7 @@ class BatchRound:
             return [], ids
         except LLMError as e:
             # The last create call's answer may be what was lost: one more look before paying again.
-            found = await self._find_quietly(tag, chunk, since) if asked and since is not None else None
+            found = await self._find_quietly(tag, chunk, since) if asked else None
             if found is not None:
                 if self.journal is not None:
                     self.journal.add_job(found, self.key, self.provider.name, self.model, ids, tag=tag)

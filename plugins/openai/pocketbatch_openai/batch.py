@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pocketbatch.openai")
 
 ENDPOINT = "/v1/chat/completions"
+METADATA_KEY = "pocketbatch"  # the batch metadata key holding the engine's tag (its round and chunk)
+CLOCK_MARGIN = 600.0  # seconds: batches created this long before the run's own clock said are looked at
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _STATES = {
     "validating": "running",
@@ -110,6 +112,27 @@ class OpenAIBatch(BatchAPI):
 
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         """Upload the requests as one JSONL file and start a 24h job on it; return the batch id."""
+        return await self._submit(items, None)
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`."""
+        return await self._submit(items, {METADATA_KEY: tag})
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The newest batch whose metadata carries the tag, among those created since `since` (less a
+        margin for the two clocks), walking `GET /v1/batches` newest first."""
+        client = self.provider.client()
+        try:
+            async for batch in client.batches.list(limit=100):
+                if (batch.metadata or {}).get(METADATA_KEY) == tag:
+                    return batch.id
+                if batch.created_at < since - CLOCK_MARGIN:
+                    return None
+        except openai.OpenAIError as e:
+            raise self.provider.translate_error(e) from e
+        return None
+
+    async def _submit(self, items: list[tuple[str, LLMRequest]], metadata: dict[str, str] | None) -> str:
         data = self.jsonl(items)
         client = self.provider.client()
         try:
@@ -117,8 +140,9 @@ class OpenAIBatch(BatchAPI):
         except openai.OpenAIError as e:
             raise self._batch_error("uploading the batch file", e) from e
         try:
+            extra: dict[str, Any] = {"metadata": metadata} if metadata else {}
             batch = await client.batches.create(
-                input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h"
+                input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h", **extra
             )
         except openai.OpenAIError as e:
             await self._delete(file.id)

@@ -22,6 +22,7 @@ import itertools
 import json
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     timeout: bool = False
     disconnect: bool = False
+    lose_answer: bool = False
 
 
 class OpenAIEmulator:
@@ -152,7 +154,7 @@ class OpenAIEmulator:
         self._batch_failures: list[list[dict]] = []
         self._random = random.Random(seed)
         self._ids = itertools.count(1)
-        self._clock = 1_700_000_000
+        self._clock = int(time.time())  # created_at of batches: `find` compares it with the client's
         self._used_requests = 0
         self._used_tokens = 0
         self._mock: Any = None
@@ -173,8 +175,12 @@ class OpenAIEmulator:
         headers: dict[str, str] | None = None,
         timeout: bool = False,
         disconnect: bool = False,
+        lose_answer: bool = False,
     ) -> None:
-        """The next n requests to `route` fail this way (then it answers normally again)."""
+        """The next n requests to `route` fail this way (then it answers normally again).
+
+        `lose_answer=True`: the request is carried out (a batch is created) but its answer never
+        arrives: the client sees the connection drop."""
         fault = Fault(
             status=status,
             code=code,
@@ -185,6 +191,7 @@ class OpenAIEmulator:
             headers=dict(headers or {}),
             timeout=timeout,
             disconnect=disconnect,
+            lose_answer=lose_answer,
         )
         self._faults.setdefault(route, []).extend([fault] * n)
 
@@ -252,6 +259,12 @@ class OpenAIEmulator:
         self.calls[route] += 1
         self._clock += 1
         faults = self._faults.get(route)
+        if faults and faults[0].lose_answer and handler is not None:
+            import httpcore2
+
+            faults.pop(0)
+            handler(request, *args)
+            raise httpcore2.ReadError("emulated connection lost before the answer arrived")
         if faults:
             return self._fault(faults.pop(0), route, request)
         if handler is None:
