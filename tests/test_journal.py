@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -373,3 +374,79 @@ async def test_a_provider_that_cannot_find_jobs_keeps_the_submitting_row_after_f
     [(key,)] = journal().db.execute("SELECT DISTINCT round FROM submissions").fetchall()
     [sub] = journal().submissions(key)
     assert len(sub.custom_ids) == 2  # a later run of a round with these requests asks the provider first
+
+
+# -- a journal that stays small ----------------------------------------------------------------------
+
+
+def age(round_key, days):
+    """Make a round look last used `days` ago (its jobs too)."""
+    then = time.time() - days * 86400
+    journal().db.execute("UPDATE rounds SET last_used = ? WHERE round = ?", (then, round_key))
+    journal().db.execute(
+        "UPDATE jobs SET submitted_at = ?, ended_at = ? WHERE round = ?", (then, then, round_key)
+    )
+
+
+def prune(*args):
+    from click.testing import CliRunner
+
+    from pocketbatch.cli import cli
+
+    done = CliRunner().invoke(cli, ["batches", "prune", *args])
+    assert done.exit_code == 0, done.output
+    return done.output
+
+
+async def test_prune_deletes_old_ended_rounds_and_keeps_recent_and_running_ones(monkeypatch):
+    await run(["old"])
+    await run(["recent"])
+    old, recent = [job.round for job in journal().jobs()]
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "600")
+    cancel_policy.set(CancelPolicy("leave"))
+    task = asyncio.ensure_future(run(["still running"]))
+    while len(journal().jobs()) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancel_policy.set(None)
+    running = journal().jobs()[-1].round
+    age(old, 40)
+    age(running, 40)
+
+    dry = prune("--dry-run")
+    assert re.match(r"would prune 1 round last used before [-0-9]+ [:0-9]+ \(1 job, 1 results\)", dry)
+    assert "kept 1 with jobs still running" in dry
+    assert len(journal().jobs()) == 3  # a dry run deletes nothing
+
+    done = prune("--older-than", "30d")
+    assert re.match(r"pruned 1 round last used before .* \(1 job, 1 results\); kept 1 .*\nfreed [0-9.,]+ .*B", done)
+    assert {job.round for job in journal().jobs()} == {recent, running}
+    assert journal().outcomes(old) == {} and journal().outcomes(recent) != {}
+    assert not journal().knows(old)
+    everything = prune("--older-than", "0")  # all but the round whose job is still running
+    assert everything.startswith("pruned 1 round") and "kept 1 with jobs still running" in everything
+    assert [job.round for job in journal().jobs()] == [running]
+
+
+def test_prune_refuses_a_duration_it_cannot_read():
+    from click.testing import CliRunner
+
+    from pocketbatch.cli import cli
+
+    done = CliRunner().invoke(cli, ["batches", "prune", "--older-than", "soon"])
+    assert done.exit_code == 2 and "'soon' is not a duration" in done.output
+
+
+def test_an_older_journal_gets_its_rounds_dated_when_opened(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    store = Journal(path)
+    store.add_job("job-1", "round-a", "offline", "m", ["a"])
+    store.db.execute("UPDATE jobs SET submitted_at = 1000, ended_at = 2000")
+    store.save_outcomes("round-b", {"x": LLMResponse("hi")})  # a round known only by its outcomes
+    store.db.execute("DROP TABLE rounds")  # as journals written before it were
+    store.close()
+    reopened = Journal(path)
+    rows = dict(reopened.db.execute("SELECT round, last_used FROM rounds").fetchall())
+    assert rows["round-a"] == 2000 and rows["round-b"] > time.time() - 3600  # undated: counted from now

@@ -250,8 +250,63 @@ class Journal:
         rows = self._read("SELECT custom_id, outcome FROM outcomes WHERE round = ?", (round,))
         return {cid: decode(json.loads(text)) for cid, text in rows}
 
+    def prune(self, before: float, *, dry_run: bool = False) -> Pruned:
+        """Delete the rounds last used before `before` (epoch seconds), with their jobs and outcomes,
+        then give the space back to the file system. Never a round with a job the provider may still
+        run or deliver (running, cancelling, ended and not collected), a create call whose job id was
+        never written down, or a run holding its lease."""
+        eligible = """
+            SELECT r.round FROM rounds r
+            WHERE MAX(r.last_used, COALESCE(
+                    (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
+                  )) < :before
+              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN (:open))
+              AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
+              AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round)
+        """
+        kept_query = """
+            SELECT COUNT(DISTINCT round) FROM rounds WHERE last_used < :before AND round NOT IN (ELIGIBLE)
+        """
+        args = {"before": before}
+        states = ", ".join(f"'{state}'" for state in (*OPEN_STATES, "ended"))
+        eligible = eligible.replace(":open", states)
+        size_before = self.size()
+        with self._tx() as db:
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_rounds (round TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM prune_rounds")
+            db.execute(f"INSERT INTO prune_rounds {eligible}", args)
+            rounds = db.execute("SELECT COUNT(*) FROM prune_rounds").fetchone()[0]
+            where = "WHERE round IN (SELECT round FROM prune_rounds)"
+            jobs = db.execute(f"SELECT COUNT(*) FROM jobs {where}").fetchone()[0]
+            outcomes = db.execute(f"SELECT COUNT(*) FROM outcomes {where}").fetchone()[0]
+            kept = db.execute(kept_query.replace("ELIGIBLE", "SELECT round FROM prune_rounds"), args)
+            kept = kept.fetchone()[0]
+            if not dry_run:
+                for table in ("outcomes", "jobs", "leases", "rounds"):
+                    db.execute(f"DELETE FROM {table} {where}")
+            db.execute("DELETE FROM prune_rounds")
+        if not dry_run and rounds:
+            with self.lock:
+                self.db.execute("VACUUM")  # the freed pages go back to the file system
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return Pruned(rounds, jobs, outcomes, kept, size_before, self.size())
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
     def close(self) -> None:
         self.db.close()
+
+
+@dataclass
+class Pruned:
+    rounds: int  # rounds deleted (or that would be, on a dry run)
+    jobs: int
+    outcomes: int
+    kept: int  # rounds old enough that were kept: a job may still run or deliver, or a run holds them
+    size_before: int  # bytes
+    size_after: int
 
 
 def lease_holder() -> str:
