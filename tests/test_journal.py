@@ -421,7 +421,8 @@ async def test_prune_deletes_old_ended_rounds_and_keeps_recent_and_running_ones(
     assert len(journal().jobs()) == 3  # a dry run deletes nothing
 
     done = prune("--older-than", "30d")
-    assert re.match(r"pruned 1 round last used before .* \(1 job, 1 results\); kept 1 .*\nfreed [0-9.,]+ .*B", done)
+    pruned = r"pruned 1 round last used before .* \(1 job, 1 results\); kept 1 .*\nfreed [0-9.,]+ .*B"
+    assert re.match(pruned, done)
     assert {job.round for job in journal().jobs()} == {recent, running}
     assert journal().outcomes(old) == {} and journal().outcomes(recent) != {}
     assert not journal().knows(old)
