@@ -103,9 +103,12 @@ def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_load(site):
     write_plugin(site, "pocketbatch-broken", "pb_broken", "raise ImportError('needs libfoo')\n")
     result = pocketbatch("providers", "--json", site=site)
     assert "pb_broken" in result.stderr and "needs libfoo" in result.stderr
+    assert "plugin pocketbatch-broken 1.2.3 (entry point pb_broken = " in result.stderr
+    assert "`pip uninstall pocketbatch-broken` removes it" in result.stderr
     assert {"good", "offline"} <= provider_names(result)
     plugins = json.loads(pocketbatch("plugins", site=site).stdout)
-    assert {"name": "pb_broken", "error": "ImportError: needs libfoo"} in plugins
+    broken = {"name": "pocketbatch-broken", "version": "1.2.3", "entry_point": "pb_broken"}
+    assert {**broken, "error": "ImportError: needs libfoo"} in plugins
 
 
 def test_trace_plugins_prints_hook_calls(site):

@@ -86,7 +86,14 @@ def plugins() -> None:
                 "builtin": name in DEFAULT_PLUGINS,
             }
         )
-    rows += [{"name": name, "error": why} for name, why in load_errors.items()]
+    for name, why in load_errors.items():
+        dist = distributions.get(name)
+        if dist is None:  # named by POCKETBATCH_LOAD_PLUGINS, not installed
+            rows.append({"name": name, "error": why})
+        else:  # named as installed (what `pip uninstall` takes), and by its entry point
+            rows.append(
+                {"name": dist.metadata["Name"], "version": dist.version, "entry_point": name, "error": why}
+            )
     click.echo(json.dumps(rows, indent=2))
 
 

@@ -18,6 +18,7 @@ _loaded = False
 _lock = threading.RLock()  # one load; a thread that asks meanwhile waits for it instead of seeing none
 load_errors: dict[str, str] = {}  # plugin name -> why it could not be loaded
 distributions: dict[str, metadata.Distribution] = {}  # plugin name -> the distribution it came from
+# (plugins that failed to load too: their distribution is what the user would uninstall)
 
 
 def load_plugins() -> None:
@@ -62,9 +63,24 @@ def _load(ep: metadata.EntryPoint, dist) -> None:
         pm.register(ep.load(), name=ep.name)
     except Exception as e:
         load_errors[ep.name] = f"{type(e).__name__}: {e}"
-        print(f"pocketbatch: plugin {ep.name!r} failed to load: {e}", file=sys.stderr)
+        distributions[ep.name] = dist
+        # Named as the user installed it (what `pip uninstall` takes), as well as by its entry point.
+        where = f"plugin {ep.name!r} (entry point {ep.value})"
+        name = _dist_name(dist)
+        if name:
+            where = f"plugin {name} {dist.version} (entry point {ep.name} = {ep.value})"
+        print(f"pocketbatch: {where} failed to load: {e}", file=sys.stderr)
+        if name:
+            print(f"pocketbatch: `pip uninstall {name}` removes it", file=sys.stderr)
         return
     distributions[ep.name] = dist
+
+
+def _dist_name(dist: metadata.Distribution | None) -> str | None:
+    try:
+        return dist.metadata["Name"] if dist is not None else None
+    except Exception:  # a distribution without readable metadata
+        return None
 
 
 def trace(message: str) -> None:
