@@ -52,6 +52,10 @@ def providers(as_json: bool) -> None:
                 "key_env_var": p.key_env_var,
                 "key": registry.key_status(p),
                 "batch": p.batch is not None,
+                # USD per million tokens, and the day the plugin's price table was checked
+                "prices": {model: list(price) for model, price in p.prices.items()},
+                "cache_prices": {model: list(price) for model, price in p.cache_prices.items()},
+                "prices_date": p.prices_date,
             }
         )
     if as_json:

@@ -336,7 +336,7 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
     if isinstance(outcome, LLMResponse):
         return {
             "text": str(outcome),
-            "usage": [outcome.usage.input_tokens, outcome.usage.output_tokens],
+            "usage": _usage(outcome.usage),
             "model": outcome.model,
             "provider": outcome.provider,
             "via": outcome.via,
@@ -348,6 +348,14 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
         "status": getattr(outcome, "status", None),
         "retryable": getattr(outcome, "retryable", False),
     }
+
+
+def _usage(usage: Usage) -> list[int]:
+    """[input, output], and the cache counts when there are any (older entries have two numbers)."""
+    counts = [usage.input_tokens, usage.output_tokens]
+    if usage.cache_read_tokens or usage.cache_write_tokens:
+        counts += [usage.cache_read_tokens, usage.cache_write_tokens]
+    return counts
 
 
 def decode(data: dict[str, Any]) -> LLMResponse | errors.LLMError:

@@ -15,11 +15,22 @@ VIA = ("concurrent", "batch")
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens one reply used. `input_tokens` counts every input token, cached or not (as OpenAI's
+    prompt_tokens does); `cache_read_tokens` and `cache_write_tokens` say how many of them were read
+    from or written to the provider's prompt cache, which it bills at their own rates."""
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+        )
 
 
 @dataclass
@@ -174,11 +185,27 @@ def same_model(name: str, base: str) -> bool:
     return name == base or (name.startswith(base) and _SNAPSHOT.fullmatch(name[len(base) :]) is not None)
 
 
-def usd(usage: Usage, price: tuple[float, float] | None, factor: float = 1.0) -> float | None:
-    """What usage costs at a price in USD per million (input, output) tokens; None without a price."""
+def usd(
+    usage: Usage,
+    price: tuple[float, float] | None,
+    factor: float = 1.0,
+    cache: tuple[float, float] | None = None,
+) -> float | None:
+    """What usage costs at a price in USD per million (input, output) tokens, and `cache` per million
+    (cache read, cache write) tokens; None without a price. Without a cache price, cached tokens cost
+    what other input tokens do (what the bill said before providers priced caching)."""
     if price is None:
         return None
-    return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) * factor / 1_000_000
+    total = usage.input_tokens * price[0] + usage.output_tokens * price[1]
+    if cache is not None and (usage.cache_read_tokens or usage.cache_write_tokens):
+        total += usage.cache_read_tokens * (cache[0] - price[0])
+        total += usage.cache_write_tokens * (cache[1] - price[0])
+    return total * factor / 1_000_000
+
+
+def _match(table: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
+    matches = [k for k in table if same_model(model, k)]
+    return table[max(matches, key=len)] if matches else None
 
 
 class Provider:
@@ -192,6 +219,11 @@ class Provider:
     tpm: ClassVar[float] = 0
     max_concurrency: ClassVar[int] = 0
     prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    # Added later (the defaults keep older plugins working): USD per million (cache read, cache write)
+    # tokens by model, matched as `prices` is; and the day the price tables were checked ("2026-11-25"),
+    # shown by `pocketbatch providers`.
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    prices_date: ClassVar[str | None] = None
     batch: BatchAPI | None = None
     # True: the provider sends LLMRequest.schema as its own structured-output parameter. False (any
     # plugin written before schemas): the core puts the schema in the prompt, and validates either way.
@@ -225,12 +257,15 @@ class Provider:
 
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
-        matches = [k for k in self.prices if same_model(model, k)]
-        return self.prices[max(matches, key=len)] if matches else None
+        return _match(self.prices, model)
+
+    def cache_price(self, model: str) -> tuple[float, float] | None:
+        """USD per million (cache read, cache write) tokens, matched as `price` is; None if unknown."""
+        return _match(self.cache_prices, model)
 
     def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:
         """USD for usage at this provider's prices, times factor (the batch discount); None if unpriced."""
-        return usd(usage, self.price(model), factor)
+        return usd(usage, self.price(model), factor, self.cache_price(model))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

@@ -166,7 +166,8 @@ class BatchRound:
         self.provider, self.api, self.model = provider, provider.batch, model
         self.calls, self.key = calls, key  # by custom_id
         self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
-        self._prices: dict[str, tuple[float, float] | None] = {}  # model -> provider.price(model)
+        # model -> (provider.price(model), provider.cache_price(model))
+        self._prices: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
         self.journal = journals.journal()
         self.settings = settings()
 
@@ -447,8 +448,9 @@ class BatchRound:
         # Provider.cost, with the price looked up once per model: matching a model against every price
         # key for each of a round's lines cost more than parsing the line did.
         if model not in self._prices:
-            self._prices[model] = self.provider.price(model)
-        return usd(usage, self._prices[model], self.api.price_factor)
+            self._prices[model] = (self.provider.price(model), self.provider.cache_price(model))
+        price, cache = self._prices[model]
+        return usd(usage, price, self.api.price_factor, cache)
 
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:

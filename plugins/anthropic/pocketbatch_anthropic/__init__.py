@@ -109,6 +109,13 @@ class AnthropicProvider(Provider):
         "claude-fable-5": (10.0, 50.0),
         "claude-mythos-5": (10.0, 50.0),
     }
+    # Prompt caching, per million tokens: a cache read costs 0.1 times the model's input price, a cache
+    # write 1.25 times (the 5-minute cache; the 1-hour cache's writes cost 2 times, and are priced here at
+    # the 5-minute rate). The batch discount applies on top, as Anthropic's multipliers stack.
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {
+        model: (round(inp * 0.1, 6), round(inp * 1.25, 6)) for model, (inp, _) in prices.items()
+    }
+    prices_date: ClassVar[str | None] = "2026-11-25"
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options = dict(client_options or {})

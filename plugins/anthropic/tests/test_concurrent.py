@@ -82,11 +82,13 @@ async def test_text_is_every_text_block_joined(provider, anthropic_emulator):
     assert reply == "one two"
 
 
-async def test_cache_tokens_count_as_input(provider, anthropic_emulator):
+async def test_cache_tokens_count_as_input_and_are_told_apart(provider, anthropic_emulator):
     anthropic_emulator.usage_extra = {"cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
     reply = await provider.call_llm_async(ask("a b c"))
     assert reply.raw.usage.input_tokens == 3
-    assert reply.usage == Usage(input_tokens=1103, output_tokens=5)
+    assert reply.usage == Usage(
+        input_tokens=1103, output_tokens=5, cache_read_tokens=1000, cache_write_tokens=100
+    )
 
 
 # --- max_tokens ---------------------------------------------------------------------------------------

@@ -209,3 +209,14 @@ async def test_find_tells_an_ended_batch_by_the_custom_ids_of_its_results(anthro
     assert await provider.batch.find("tag", items, since) == wanted
     assert await provider.batch.find("tag", items[:1], since) is None  # no batch of one request
     assert await provider.batch.find("tag", items, since + 3600) is None  # all created before `since`
+
+
+async def test_cache_reads_and_writes_are_priced_at_their_own_rates(anthropic_emulator):
+    anthropic_emulator.usage_extra = {"cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
+    reply = await call_llm_async("Summarise: the cat sat", model=MODEL)
+    assert reply.usage == Usage(1104, 6, cache_read_tokens=1000, cache_write_tokens=100)
+    # 4 uncached input tokens at $1, 1,000 cache reads at $0.10, 100 cache writes at $1.25, 6 output at $5
+    expected = (4 * 1.0 + 1000 * 0.10 + 100 * 1.25 + 6 * 5.0) / 1_000_000
+    assert reply.cost_usd == pytest.approx(expected)
+    [batched] = await ask_each(["Summarise: the cat sat"], model=MODEL, mode="batch")
+    assert batched.via == "batch" and batched.cost_usd == pytest.approx(expected * 0.5)  # the discounts stack

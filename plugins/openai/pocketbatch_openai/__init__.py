@@ -63,6 +63,7 @@ MODELS: tuple[str, ...] = (
 # USD per million (input, output) tokens at standard (non-batch) rates, from openai.com/api/pricing as of
 # 2025-08. Dated snapshots match their model's key; a snapshot priced differently gets its own key
 # (the longest matching key wins). Check the page before trusting a bill to these numbers.
+PRICES_DATE = "2025-08"  # the month openai.com/api/pricing was read for PRICES
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
     "gpt-4o-2024-05-13": (5.00, 15.00),
@@ -145,6 +146,7 @@ class OpenAIProvider(Provider):
     tpm = 200_000
     max_concurrency = 0
     prices = PRICES
+    prices_date = PRICES_DATE
     supports_schema = True  # response_format json_schema, strict, on both paths
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
