@@ -197,3 +197,17 @@ def test_many_threads_asking_for_a_provider_at_once_all_find_it(site):
     done = python(code, site, under_pytest=True)  # lazy: the threads' first calls load the plugins
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['waited']"
+
+
+def test_a_plugin_imported_before_pocketbatch_still_registers_its_providers(site):
+    # `import pb_good` imports pocketbatch, which loads the plugins, pb_good among them, while pb_good's
+    # own import has not finished: its hook is loaded on the first call instead of being lost.
+    write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
+    script = "import pb_good\nfrom pocketbatch import call_llm\nprint(call_llm('hi', model='good/g1'))\n"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETBATCH_", "PYTEST"))}
+    environ["PYTHONPATH"] = str(site)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environ, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "good\n"
