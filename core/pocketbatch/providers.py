@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -175,6 +178,57 @@ class BatchAPI:
         the process died before writing it down. None when there is none, or when the API cannot tell.
         The engine asks before it submits the same items again. The default finds nothing."""
         return None
+
+
+# -- closing SDK clients with their event loop ----------------------------------------------------------
+
+_closing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[list[Any], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_closing_lock = threading.Lock()
+
+
+def close_with_loop(client: Any) -> None:
+    """Close `client` (anything with an async `close()` or `aclose()`: an SDK client) when the running
+    event loop ends, instead of dropping it with its connections open ("unclosed" warnings).
+
+    asyncio.run (and pytest-asyncio, and the sync call_llm loop at exit) finalizes the loop's async
+    generators before closing it; one such generator per loop, left waiting, closes the loop's clients
+    then, while the loop still runs."""
+    loop = asyncio.get_running_loop()
+    with _closing_lock:
+        entry = _closing.get(loop)
+        if entry is None:
+            # A loop closed without finalizing its async generators never ran its closer: forget it
+            # (the closer refers to its loop, so the entry would keep that loop alive).
+            for old in [old for old in _closing if old.is_closed()]:
+                del _closing[old]
+            clients: list[Any] = []
+            closer = _close_at_end(clients)
+            # The first step registers it with the running loop (its async generator hooks) and stops
+            # at the yield without awaiting anything, so it is taken here, synchronously.
+            step = closer.asend(None)
+            try:
+                step.send(None)
+            except StopIteration:
+                pass
+            entry = _closing[loop] = (clients, closer)
+        entry[0].append(client)
+
+
+async def _close_at_end(clients: list[Any]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for client in clients:
+            close = getattr(client, "close", None) or getattr(client, "aclose", None)
+            try:
+                await close()
+            except Exception:  # closing is best effort: the loop is ending either way
+                pass
+        clients.clear()
+        with _closing_lock:  # the generator refers to its loop: let the loop go
+            _closing.pop(asyncio.get_running_loop(), None)
 
 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)")

@@ -19,6 +19,7 @@ import httpx2
 from anthropic import AsyncAnthropic
 
 from pocketbatch import LLMRequest, LLMResponse, Provider, hookimpl
+from pocketbatch.providers import close_with_loop
 
 from .api import (
     DEFAULT_MAX_TOKENS,
@@ -154,6 +155,7 @@ class AnthropicProvider(Provider):
                     "max_retries": 0,
                 }
                 client = per_loop[(key, base_url)] = AsyncAnthropic(**options)
+                close_with_loop(client)  # closed when its loop ends, not dropped with open connections
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:

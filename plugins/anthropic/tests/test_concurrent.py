@@ -324,3 +324,17 @@ async def test_requests_follow_anthropic_base_url(monkeypatch):
     with emulate_anthropic() as emulator:
         assert await provider.call_llm_async(ask()) == "reply to: Say hi"
     assert emulator.requests[0].url == "https://gateway.example/anthropic/v1/messages"
+
+
+def test_clients_are_closed_when_their_event_loop_ends(anthropic_emulator):
+    provider = AnthropicProvider(client_options={"_strict_response_validation": True})
+    seen = []
+
+    async def call():
+        await provider.call_llm_async(LLMRequest.from_prompt("hi", "claude-haiku-4-5"))
+        seen.append(provider.client())
+        assert not seen[-1].is_closed()
+
+    asyncio.run(call())
+    asyncio.run(call())
+    assert seen[0] is not seen[1] and [c.is_closed() for c in seen] == [True, True]

@@ -23,6 +23,7 @@ from openai.resources.chat.completions import AsyncCompletions
 
 from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, RateLimits, Usage, hookimpl
 from pocketbatch.errors import LLMError, RateLimitError, error_for_status
+from pocketbatch.providers import close_with_loop
 from pocketbatch.schema import refuse
 
 from .batch import OpenAIBatch
@@ -190,6 +191,7 @@ class OpenAIProvider(Provider):
             options = {"http_client": openai.DefaultAsyncHttpxClient(verify=_TLS), **self.client_options}
             client = openai.AsyncOpenAI(api_key=key, base_url=base_url, **options, max_retries=0)
             per_loop[(key, base_url)] = client
+            close_with_loop(client)  # closed when its loop ends, not dropped with open connections
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
