@@ -69,6 +69,7 @@ class Round:
         self.pending: list[Call] = []
         self.dispatch = dispatch
         self.timeout = settings().round_timeout  # 0: wait for every live item, however long
+        self._loop = asyncio.get_running_loop()
         self._progress = 0.0  # loop time of the last call taken, item finished or answer
         self._timer: asyncio.TimerHandle | None = None
 
@@ -119,14 +120,14 @@ class Round:
 
     def _progressed(self) -> None:
         if self.timeout:
-            self._progress = asyncio.get_running_loop().time()
+            self._progress = self._loop.time()
 
     def _flush_if_ready(self) -> None:
         if not self.pending:
             return
         if len(self.outstanding) < self.live:
             if self.timeout and self._timer is None:
-                self._timer = asyncio.get_running_loop().call_later(self.timeout, self._timed_out)
+                self._timer = self._loop.call_later(self.timeout, self._timed_out)
             return
         self._flush()
 
@@ -135,10 +136,9 @@ class Round:
         self._timer = None
         if not self.pending or len(self.outstanding) >= self.live:
             return
-        loop = asyncio.get_running_loop()
-        left = self._progress + self.timeout - loop.time()
+        left = self._progress + self.timeout - self._loop.time()
         if left > 0:
-            self._timer = loop.call_later(left, self._timed_out)
+            self._timer = self._loop.call_later(left, self._timed_out)
             return
         missing = self.live - len(self.outstanding)
         note = (
