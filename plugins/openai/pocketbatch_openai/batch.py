@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import openai
 
-from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
+from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse
 from pocketbatch.errors import LLMError, TransientError, error_for_status
 
 if TYPE_CHECKING:
@@ -231,12 +231,12 @@ class OpenAIBatch(BatchAPI):
         choices = body.get("choices") or [{}]
         message = choices[0].get("message") or {}
         usage = body.get("usage") or {}
-        from . import finish_reason
+        from . import finish_reason, usage_of
 
         return LLMResponse(
             message.get("content") or message.get("refusal") or "",
             finish_reason=finish_reason(choices[0].get("finish_reason"), message),
-            usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
+            usage=usage_of(usage),
             model=body.get("model"),
             provider=self.provider.name,
             via="batch",

@@ -121,7 +121,8 @@ class OpenAIEmulator:
       `polls_per_state` (retrieve calls spent in validating, in_progress and finalizing, default 1);
       `cancel_completes` (share of lines done before a cancel, default 0.5); `shuffle` (output lines out
       of input order, default True); `reply(body) -> str | Refusal` (default `default_reply`); `snapshots`
-      (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses).
+      (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses);
+      `cached_tokens` (prompt tokens each reply reports as cache reads, in `prompt_tokens_details`).
     """
 
     def __init__(self, base_url: str = BASE_URL, *, seed: int = 0) -> None:
@@ -135,6 +136,7 @@ class OpenAIEmulator:
         self.server_error_ids: set[str] = set()
         self.expire_ids: set[str] = set()
         self.polls_per_state = 1
+        self.cached_tokens = 0  # prompt tokens each reply reports as read from the prompt cache
         self.cancel_completes = 0.5
         self.shuffle = True
         self.reply: Callable[[dict], str | Refusal] = default_reply
@@ -362,8 +364,13 @@ class OpenAIEmulator:
         if limit is not None and _tokens(text) > limit:
             text, finish = " ".join(text.split()[:limit]), "length"
         prompt = " ".join(_content_text(m.get("content")) for m in body["messages"])
-        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(refusal or text)}
+        usage: dict[str, Any] = {
+            "prompt_tokens": _tokens(prompt) + self.cached_tokens,
+            "completion_tokens": _tokens(refusal or text),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if self.cached_tokens:  # a cached prompt prefix: part of prompt_tokens, billed at its own rate
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens, "audio_tokens": 0}
         return {
             "id": f"chatcmpl-{next(self._ids)}",
             "object": "chat.completion",

@@ -211,3 +211,15 @@ async def test_a_lost_answer_to_the_create_call_is_found_by_its_metadata_one_job
     assert openai_emulator.calls["batches.list"] == 1  # looked up before creating again
     [job] = journal().jobs()
     assert job.job_id in openai_emulator.batches and journal().submissions(job.round) == []
+
+
+async def test_cached_prompt_tokens_are_priced_at_the_cached_input_rate(provider, openai_emulator):
+    openai_emulator.cached_tokens = 1000
+    [reply] = await ask(["Summarise: the cat sat"])
+    assert reply.usage == Usage(1004, 5, cache_read_tokens=1000)
+    # 4 uncached input tokens at $0.15, 1,000 cached ones at $0.075, 5 output tokens at $0.60
+    expected = (4 * 0.15 + 1000 * 0.075 + 5 * 0.60) / 1_000_000
+    assert reply.cost_usd == pytest.approx(expected)
+    [batched] = await ask(["Summarise: the dog ran"], mode="batch")
+    assert batched.usage == Usage(1004, 5, cache_read_tokens=1000)
+    assert batched.cost_usd == pytest.approx(expected * 0.5)
