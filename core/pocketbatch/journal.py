@@ -255,23 +255,22 @@ class Journal:
         then give the space back to the file system. Never a round with a job the provider may still
         run or deliver (running, cancelling, ended and not collected), a create call whose job id was
         never written down, or a run holding its lease."""
-        eligible = """
-            SELECT r.round FROM rounds r
-            WHERE MAX(r.last_used, COALESCE(
-                    (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
-                  )) < :before
-              AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN (:open))
-              AND NOT EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
-              AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round)
-        """
-        kept_query = """
-            SELECT COUNT(DISTINCT round) FROM rounds WHERE last_used < :before AND round NOT IN (ELIGIBLE)
-        """
-        args = {"before": before}
         states = ", ".join(f"'{state}'" for state in (*OPEN_STATES, "ended"))
-        eligible = eligible.replace(":open", states)
+        old = """MAX(r.last_used, COALESCE(
+                (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
+            )) < :before"""
+        held = f"""(EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN ({states}))
+            OR EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
+            OR EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round))"""
+        eligible = f"SELECT r.round FROM rounds r WHERE {old} AND NOT {held}"
+        kept_query = f"SELECT COUNT(*) FROM rounds r WHERE {old} AND {held}"
+        args = {"before": before}
         size_before = self.size()
         with self._tx() as db:
+            # A lease left by a run that died holds nothing (as in acquire): it does not keep its round.
+            stale = [row for row in db.execute("SELECT round, holder, since FROM leases") if _stale(*row[1:])]
+            if not dry_run:
+                db.executemany("DELETE FROM leases WHERE round = ? AND holder = ?", [r[:2] for r in stale])
             db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_rounds (round TEXT PRIMARY KEY)")
             db.execute("DELETE FROM prune_rounds")
             db.execute(f"INSERT INTO prune_rounds {eligible}", args)
@@ -279,8 +278,7 @@ class Journal:
             where = "WHERE round IN (SELECT round FROM prune_rounds)"
             jobs = db.execute(f"SELECT COUNT(*) FROM jobs {where}").fetchone()[0]
             outcomes = db.execute(f"SELECT COUNT(*) FROM outcomes {where}").fetchone()[0]
-            kept = db.execute(kept_query.replace("ELIGIBLE", "SELECT round FROM prune_rounds"), args)
-            kept = kept.fetchone()[0]
+            kept = db.execute(kept_query, args).fetchone()[0]
             if not dry_run:
                 for table in ("outcomes", "jobs", "leases", "rounds"):
                     db.execute(f"DELETE FROM {table} {where}")
