@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketbatch import LLMResponse, RequestError, TransientError, Usage
+from pocketbatch import BatchError, LLMResponse, RequestError, TransientError, Usage
 from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
@@ -453,3 +453,13 @@ def test_an_older_journal_gets_its_rounds_dated_when_opened(tmp_path):
     reopened = Journal(path)
     rows = dict(reopened.db.execute("SELECT round, last_used FROM rounds").fetchall())
     assert rows["round-a"] == 2000 and rows["round-b"] > time.time() - 3600  # undated: counted from now
+
+
+async def test_a_create_call_answered_with_an_error_leaves_no_submitting_row(monkeypatch):
+    async def queue_full(self, items, tag):
+        raise BatchError("the batch queue is full", status=429, retryable=True)  # an answer: no job
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", queue_full)
+    out, _ = await run([1, 2])
+    assert {r.via for r in out} == {"concurrent"}
+    assert journal().db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0

@@ -304,7 +304,8 @@ class BatchRound:
         try:
             job_id = await with_retries(submit)
         except BatchError as e:
-            if self.journal is not None and not e.retryable:  # refused: no job was created
+            # Refused with an answer (a status), or before anything was sent: no job was created.
+            if self.journal is not None:
                 self.journal.end_submission(self.key, tag)
             if e.status == 413 and len(chunk) > 1:  # over the provider's exact limit: halve and try again
                 half = len(chunk) // 2
