@@ -19,10 +19,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-$(STAMP): pyproject.toml plugins/openai/pyproject.toml plugins/anthropic/pyproject.toml
+$(STAMP): pyproject.toml plugins/openai/pyproject.toml plugins/anthropic/pyproject.toml plugins/gemini/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/openai -e plugins/anthropic
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/openai -e plugins/anthropic -e plugins/gemini
 	touch $@
 
 clean:

@@ -86,6 +86,12 @@ class Row:
     def of_limit(self) -> float:
         return self.ok / self.seconds / self.limit
 
+    @property
+    def of_limit_after_first(self) -> float:
+        """The same from the first request on: the steady pace, without the start-up."""
+        first = (self.first_request_ms or 0) / 1000
+        return self.ok / (self.seconds - first) / self.limit
+
 
 def child_env(scenario: Scenario, server: LoopbackServer, rate: float, journal: str) -> dict[str, str]:
     env = {
@@ -136,7 +142,8 @@ def _line(r: Row) -> str:
     first = f"{r.first_request_ms:.0f} ms" if r.first_request_ms is not None else "-"
     return (
         f"| {r.scenario.flavor} | {CASE_TEXT[r.scenario.name]} | {r.contestant} | {r.lost}/{r.calls} | "
-        f"{r.rate_limited} ({r.share_429:.1%}) | **{r.of_limit:.2f}** | {first} | {r.seconds:.1f} s |"
+        f"{r.rate_limited} ({r.share_429:.1%}) | **{r.of_limit:.2f}** | {r.of_limit_after_first:.2f} | "
+        f"{first} | {r.seconds:.1f} s |"
     )
 
 

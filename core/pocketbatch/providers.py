@@ -151,6 +151,11 @@ class BatchAPI:
     max_bytes: int = 200 * 1024 * 1024
     price_factor: float = 0.5
 
+    def price_factor_for(self, model: str) -> float:
+        """The price factor of `model`'s batch lines: `price_factor` unless the provider discounts only
+        some models (Groq); 1.0 or more means no discount, and auto mode then runs the model concurrently."""
+        return self.price_factor
+
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         """Start one job for (custom_id, request) pairs; return its id. BatchError if over the size limits."""
         raise NotImplementedError

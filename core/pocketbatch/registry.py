@@ -62,6 +62,7 @@ def reset() -> None:
     """Forget the registrations, so the next lookup asks the plugins again (after pm.register in tests)."""
     global _providers, _announced
     _providers, _announced = None, False
+    _resolved.clear()
 
 
 def list_providers() -> list[Provider]:
@@ -100,8 +101,28 @@ def default_provider() -> Provider:
     return provider
 
 
+_resolved: dict[str | None, tuple[Provider, str]] = {}
+_resolved_under: object = None  # the settings the answers in _resolved were found under
+
+
 def resolve(model: str | None = None) -> tuple[Provider, str]:
-    """The provider and its own model name for "provider/model", a bare name or alias, or None."""
+    """The provider and its own model name for "provider/model", a bare name or alias, or None.
+
+    Answers are remembered until the settings or the registrations change: every call of a round asks
+    for the same model, and finding the default provider reads the environment for every key.
+    """
+    global _resolved_under
+    current = settings()
+    if _resolved_under is not current or _providers is None:
+        _resolved.clear()
+        _resolved_under = current
+    found = _resolved.get(model)
+    if found is None:
+        found = _resolved[model] = _resolve(model)
+    return found
+
+
+def _resolve(model: str | None) -> tuple[Provider, str]:
     model = model or settings().model
     if not model:
         provider = default_provider()

@@ -62,3 +62,26 @@ def test_the_cost_estimate_uses_what_replies_have_used_so_far():
     guess = choose(requests(100), OfflineProvider(), SETTINGS, concurrent_seconds=1)
     learned = choose(requests(100), OfflineProvider(), SETTINGS, concurrent_seconds=1, output_tokens=16)
     assert learned.concurrent_cost < guess.concurrent_cost / 5
+
+
+class _SomeModelsDiscounted(FakeProvider):
+    """A batch API that discounts one model only (Groq's habit): BatchAPI.price_factor_for."""
+
+    def __init__(self):
+        super().__init__("picky", batch=True, prices={"cheap": (1.0, 1.0), "full": (1.0, 1.0)})
+        self.batch.price_factor_for = lambda model: 0.5 if model == "cheap" else 1.0
+
+
+def test_a_model_without_a_batch_discount_stays_concurrent_in_auto_mode_and_says_why():
+    many = [LLMRequest.from_prompt(f"text {i}", "full") for i in range(500)]
+    d = choose(many, _SomeModelsDiscounted(), SETTINGS, concurrent_seconds=999)
+    assert d.mode == "concurrent" and d.batch_cost == d.concurrent_cost
+    assert "picky has no batch discount for full" in d.reason and "running concurrently" in d.reason
+    forced = choose(many, _SomeModelsDiscounted(), SETTINGS, concurrent_seconds=999, mode="batch")
+    assert forced.mode == "batch" and "at no discount" in forced.reason
+
+
+def test_a_discounted_model_of_the_same_provider_still_batches():
+    many = [LLMRequest.from_prompt(f"text {i}", "cheap") for i in range(500)]
+    d = choose(many, _SomeModelsDiscounted(), SETTINGS, concurrent_seconds=999)
+    assert d.mode == "batch" and "50% cheaper" in d.reason and d.batch_cost == d.concurrent_cost * 0.5

@@ -17,6 +17,7 @@ re-ask (a different request) may pass where its first answer failed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import math
@@ -25,7 +26,6 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from pathlib import Path
 
 import platformdirs
@@ -42,7 +42,13 @@ def register_providers(register):
 
 
 def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
+    # Read on every call, so a test or a program can change it between calls; parsed once per value.
+    return _parse_number(name, os.environ.get(name, ""), default)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_number(name: str, raw: str, default: float) -> float:
+    raw = raw.strip()
     try:
         value = float(raw) if raw else default
     except ValueError:
@@ -216,7 +222,8 @@ class OfflineBatch(BatchAPI):
         return None
 
     def _create(self, items: list[tuple[str, LLMRequest]], tag: str | None) -> str:
-        lines = [json.dumps({"custom_id": cid, "request": asdict(req)}) for cid, req in items]
+        # vars(), not asdict(): the fields as they are (plain JSON values), without asdict's deep copy
+        lines = [json.dumps({"custom_id": cid, "request": vars(req)}) for cid, req in items]
         if len({cid for cid, _ in items}) != len(items):
             raise BatchError("offline: custom_ids in one batch must be unique", status=400)
         size = sum(len(line) + 1 for line in lines)
@@ -255,15 +262,16 @@ class OfflineBatch(BatchAPI):
             counts[outcome] = counts.get(outcome, 0) + 1
         return BatchStatus("ended", counts, raw={"id": job_id})
 
-    def _outcomes(self, job: dict) -> list[tuple[dict, str]]:
+    def _outcomes(self, job: dict) -> list[tuple[int, str]]:
+        """(line number, fate) of every line, in the order results come back. Line numbers rather than
+        the decoded lines: a job of 50,000 requests would otherwise hold them all while it is read."""
         rng = random.Random(job["id"])  # the same job always ends the same way
         done_share = 1.0
         if job["cancelled"] and job["cancelled"] < job["created"] + job["seconds"]:
             done_share = max(0.0, (job["cancelled"] - job["created"]) / max(job["seconds"], 1e-9))
         outcomes = []
-        for line in job["lines"]:
-            item = json.loads(line)
-            request = item["request"]
+        for index, line in enumerate(job["lines"]):
+            request = json.loads(line)["request"]
             marked = request["options"].get("offline_error")
             roll = rng.random()
             if rng.random() >= done_share:
@@ -276,7 +284,7 @@ class OfflineBatch(BatchAPI):
                 outcome = "expired"
             else:
                 outcome = "succeeded"
-            outcomes.append((item, outcome))
+            outcomes.append((index, outcome))
         rng.shuffle(outcomes)  # real batch APIs return lines in any order
         return outcomes
 
@@ -285,7 +293,10 @@ class OfflineBatch(BatchAPI):
         if time.time() < self._finished_at(job):
             raise RequestError(f"offline: batch job {job_id} has not ended yet", status=409)
         await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS", 0))
-        for item, outcome in self._outcomes(job):
+        for n, (index, outcome) in enumerate(self._outcomes(job), 1):
+            if n % 256 == 0:
+                await asyncio.sleep(0)  # a download takes turns with the program's other tasks
+            item = json.loads(job["lines"][index])
             request = LLMRequest(**item["request"])
             if outcome == "succeeded":
                 yield item["custom_id"], _response(request, via="batch")
@@ -295,7 +306,6 @@ class OfflineBatch(BatchAPI):
             else:
                 verb = "expired before it ran" if outcome == "expired" else "was cancelled before it ran"
                 yield item["custom_id"], TransientError(f"offline: the batch request {verb}")
-            await asyncio.sleep(0)
 
     async def cancel(self, job_id: str) -> None:
         path = self._path(job_id)

@@ -445,13 +445,13 @@ class BatchRound:
     def _cost(self, model: str, usage: Usage) -> float | None:
         assert self.api is not None
         if type(self.provider).cost is not Provider.cost:  # the provider prices in its own way
-            return self.provider.cost(model, usage, self.api.price_factor)
+            return self.provider.cost(model, usage, self.api.price_factor_for(self.model))
         # Provider.cost, with the price looked up once per model: matching a model against every price
         # key for each of a round's lines cost more than parsing the line did.
         if model not in self._prices:
             self._prices[model] = (self.provider.price(model), self.provider.cache_price(model))
         price, cache = self._prices[model]
-        return usd(usage, price, self.api.price_factor, cache)
+        return usd(usage, price, self.api.price_factor_for(self.model), cache)
 
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:

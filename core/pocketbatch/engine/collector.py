@@ -26,6 +26,9 @@ from .limits import limiter_for
 
 log = logging.getLogger("pocketbatch")
 
+# Calls in flight at once when no limit bounds them (more than a connection pool takes).
+MAX_WORKERS = 4096
+
 # (round, item key) of the item the running task belongs to; None outside parallel nodes.
 _current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
 
@@ -217,10 +220,12 @@ async def _decide_and_run(group: list[Call]) -> None:
 async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
     """The group's calls through a pool of workers, not a task each: at 100,000 calls that is the
     difference between a few MB and a few GB. The limiter, not the pool, sets the pace; the pool is sized
-    for the rate it allows at up to 10 s a call (Little's law)."""
+    for the rate it allows at up to 10 s a call (Little's law), at most MAX_WORKERS: an unlimited rate
+    would otherwise start a task for every call, twice the round's memory at its peak."""
     from . import concurrent
 
-    workers = min(len(group), max(concurrent.DEFAULT_WORKERS, int(min(limiter.rpm, 1e6) / 6)))
+    rate_workers = int(min(limiter.rpm, MAX_WORKERS * 6) / 6)
+    workers = min(len(group), max(concurrent.DEFAULT_WORKERS, rate_workers))
     queue = iter(group)
 
     async def worker() -> None:

@@ -474,7 +474,10 @@ class Limiter:
         """The provider answered (a reply or an HTTP error): the first wave is over in every loop."""
         if self.answered_at is not None:
             return
-        self.answered_at = time.monotonic()
+        self.answered_at = now = time.monotonic()
+        # Growth counts demand from here: the first wave's wait for this answer is not evidence of a rate.
+        self._rpm.grown_at = self._tpm.grown_at = now
+        self._rpm.queued = self._tpm.queued = False
         for state in list(self._loops.values()):
             if not state.loop.is_closed():
                 state.loop.call_soon_threadsafe(state.wake, True)

@@ -75,5 +75,22 @@ async def with_retries(
     *,
     before_sleep: Callable[[RetryCallState], None] | None = None,
 ) -> T:
-    """Run `attempt()` until it returns, fails with a non-retryable error, or attempts run out."""
-    return await retrying(policy, before_sleep=before_sleep)(attempt)
+    """Run `attempt()` until it returns, fails with a non-retryable error, or attempts run out.
+
+    The first attempt runs bare: most calls succeed at once, and setting up tenacity costs more than the
+    rest of a call's bookkeeping together. Only a retryable failure brings it in, handed that failure as
+    its own first attempt, so waits, events and the count of attempts are what they would have been.
+    """
+    try:
+        return await attempt()
+    except LLMError as err:
+        if not err.retryable:
+            raise
+        first: list[BaseException] = [err]
+
+    async def replay_then_attempt() -> T:
+        if first:
+            raise first.pop()
+        return await attempt()
+
+    return await retrying(policy, before_sleep=before_sleep)(replay_then_attempt)

@@ -44,7 +44,8 @@ def choose(
     inp, out = sum(t[0] for t in tokens), sum(t[1] for t in tokens)
     model = group[0].model
     full = _cost(provider, model, inp, out, 1.0)
-    half = _cost(provider, model, inp, out, provider.batch.price_factor) if provider.batch else None
+    factor = provider.batch.price_factor_for(model) if provider.batch else 1.0
+    half = _cost(provider, model, inp, out, factor) if provider.batch else None
     head = f"{n:,} request{'s' if n != 1 else ''} to {provider.name}/{model}"
     at = f"concurrent would take {_duration(concurrent_seconds)}" + (f" ({_usd(full)})" if full else "")
 
@@ -58,9 +59,14 @@ def choose(
             why = f"mode is batch but {provider.name} has no batch API: running concurrently"
             return decide("concurrent", why)
         return decide("concurrent", f"{provider.name} has no batch API; {at}")
-    saving = f"{1 - provider.batch.price_factor:.0%} cheaper" + (f" ({_usd(half)})" if half else "")
+    saving = f"{1 - factor:.0%} cheaper" if factor < 1 else "at no discount"
+    saving += f" ({_usd(half)})" if half else ""
     if mode == "batch":
         return decide("batch", f"mode is batch; {at}; using the batch API, {saving}")
+    if factor >= 1:  # a batch job would cost as much and take longer
+        return decide(
+            "concurrent", f"{provider.name} has no batch discount for {model}; {at}: running concurrently"
+        )
     if n >= settings.batch_min_items:
         why = f"at least POCKETBATCH_BATCH_MIN_ITEMS={settings.batch_min_items}"
         return decide("batch", f"{at}; {why}: using the batch API, {saving}")

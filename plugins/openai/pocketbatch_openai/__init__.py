@@ -14,7 +14,7 @@ import os
 import re
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx2
@@ -169,6 +169,10 @@ class OpenAIProvider(Provider):
 
     name = "openai"
     key_env_var = "OPENAI_API_KEY"
+    base_url_env_var = "OPENAI_BASE_URL"  # the SDK's own name for the endpoint
+    default_base_url: str | None = None  # None: the SDK's default, api.openai.com
+    host = "api.openai.com"  # how error messages name the server when no base URL is set
+    known_models: tuple[str, ...] = MODELS
     default_model = "gpt-4o-mini"
     # Tier-1 limits of gpt-4o-mini: only where the engine's learning starts; every response's
     # x-ratelimit-* headers then tell it the real ones.
@@ -179,6 +183,7 @@ class OpenAIProvider(Provider):
     cache_prices = CACHE_PRICES
     prices_date = PRICES_DATE
     supports_schema = True  # response_format json_schema, strict, on both paths
+    batch_class: type[OpenAIBatch] = OpenAIBatch  # a host with a batch API of its own shape overrides it
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options: dict[str, Any] = dict(client_options or {})
@@ -188,19 +193,33 @@ class OpenAIProvider(Provider):
         self._clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, dict[tuple[str, str | None], openai.AsyncOpenAI]
         ] = weakref.WeakKeyDictionary()
-        self.batch: OpenAIBatch = OpenAIBatch(self)
+        self.batch: OpenAIBatch = self.batch_class(self)
 
     # Both paths build bodies and read errors through these, so a subclass for a server with its own
-    # habits (an Azure deployment, a proxy) changes them in one place.
+    # habits (an Azure deployment, a proxy, Groq, Together) changes them in one place.
     @staticmethod
     def chat_body(request: LLMRequest) -> dict[str, Any]:
         """The request body for `request`, on the concurrent path and in a batch line alike."""
         return chat_body(request)
 
-    @staticmethod
-    def translate_error(e: openai.OpenAIError) -> LLMError:
-        """The pocketbatch error for an SDK exception."""
-        return translate_error(e)
+    def translate_error(self, e: openai.OpenAIError) -> LLMError:
+        """The pocketbatch error for an SDK exception, naming this provider's key variable on a 401."""
+        where = self.base_url_override() or self.host
+        return translate_error(
+            e, key_env_var=self.key_env_var or "", where=where, rate_limits=self.parse_rate_limits
+        )
+
+    def parse_rate_limits(self, headers: Mapping[str, str]) -> RateLimits | None:
+        """What this server's rate-limit headers say (OpenAI's `x-ratelimit-*` names)."""
+        return parse_rate_limits(headers)
+
+    def base_url_override(self) -> str | None:
+        """The endpoint the user set in `base_url_env_var`, or None."""
+        return os.environ.get(self.base_url_env_var, "").strip() or None
+
+    def base_url(self) -> str | None:
+        """The URL the SDK client is built with: the override, else this host's default (None: the SDK's)."""
+        return self.base_url_override() or self.default_base_url
 
     def check_schema(self, schema: dict) -> None:
         """ConfigError naming the field that strict structured outputs would refuse."""
@@ -208,13 +227,13 @@ class OpenAIProvider(Provider):
 
     @property
     def models(self) -> tuple[str, ...]:  # type: ignore[override]
-        return () if os.environ.get("OPENAI_BASE_URL", "").strip() else MODELS
+        return () if self.base_url_override() else self.known_models
 
     def client(self) -> openai.AsyncOpenAI:
-        """The SDK client for the running event loop, the current key and OPENAI_BASE_URL."""
+        """The SDK client for the running event loop, the current key and base URL."""
         key = self.api_key()
         assert key is not None
-        base_url = os.environ.get("OPENAI_BASE_URL", "").strip() or None
+        base_url = self.base_url()
         per_loop = self._clients.setdefault(asyncio.get_running_loop(), {})
         client = per_loop.get((key, base_url))
         if client is None:
@@ -246,7 +265,7 @@ class OpenAIProvider(Provider):
             provider=self.name,
             via="concurrent",
             raw=completion,
-            rate_limits=parse_rate_limits(raw.headers),
+            rate_limits=self.parse_rate_limits(raw.headers),
         )
 
 
@@ -310,20 +329,29 @@ def chat_body(request: LLMRequest) -> dict[str, Any]:
     return body
 
 
-def translate_error(e: openai.OpenAIError) -> LLMError:
-    """The pocketbatch error for an SDK exception, with retry_after, retryable and rate_limits filled in."""
+def translate_error(
+    e: openai.OpenAIError,
+    *,
+    key_env_var: str = "OPENAI_API_KEY",
+    where: str | None = None,
+    rate_limits: Callable[[Mapping[str, str]], RateLimits | None] | None = None,
+) -> LLMError:
+    """The pocketbatch error for an SDK exception, with retry_after, retryable and rate_limits filled in.
+
+    `key_env_var` and `where` (the server) name what a 401 refused; `rate_limits` reads the headers
+    (parse_rate_limits by default)."""
+    where = where or os.environ.get("OPENAI_BASE_URL", "").strip() or "api.openai.com"
     if isinstance(e, openai.APITimeoutError):
-        return error_for_status(None, f"OpenAI request timed out: {e}")
+        return error_for_status(None, f"request to {where} timed out: {e}")
     if isinstance(e, openai.APIConnectionError):
-        return error_for_status(None, f"could not reach OpenAI: {e}")
+        return error_for_status(None, f"could not reach {where}: {e}")
     if isinstance(e, openai.APIStatusError):
         headers = e.response.headers
-        rate_limits = parse_rate_limits(headers)
+        rate_limits = (rate_limits or parse_rate_limits)(headers)
         should_retry = _should_retry(headers)
         message = e.message
         if e.status_code == 401:
-            where = os.environ.get("OPENAI_BASE_URL", "").strip() or "api.openai.com"
-            message = f"{message} (check the OPENAI_API_KEY environment variable: {where} refused it)"
+            message = f"{message} (check the {key_env_var} environment variable: {where} refused it)"
         if e.status_code == 429 and e.code == "insufficient_quota":
             # No amount of waiting brings quota back: check the plan and billing instead.
             return RateLimitError(
@@ -340,7 +368,7 @@ def translate_error(e: openai.OpenAIError) -> LLMError:
             rate_limits=rate_limits,
         )
     if isinstance(e, openai.APIResponseValidationError):
-        return LLMError(f"OpenAI sent a response this SDK cannot read: {e}", status=e.status_code)
+        return LLMError(f"{where} sent a response this SDK cannot read: {e}", status=e.status_code)
     return LLMError(f"{type(e).__name__}: {e}")
 
 
@@ -415,4 +443,10 @@ def _count(value: str | None) -> int | None:
 
 @hookimpl
 def register_providers(register) -> None:
+    from .hosts import GroqProvider, TogetherProvider  # here: hosts.py subclasses OpenAIProvider
+
     register(OpenAIProvider(), aliases=MODELS)
+    # Their model names carry a maker (`openai/gpt-oss-20b`), so they are written after the provider
+    # (`groq/openai/gpt-oss-20b`) and registered without bare aliases, which would clash with OpenAI's.
+    register(GroqProvider())
+    register(TogetherProvider())

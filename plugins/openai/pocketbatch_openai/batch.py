@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -38,6 +39,19 @@ _NOT_RUN = {
 }
 
 
+@dataclass
+class Job:
+    """What the batch path reads of a job, whatever shape the server gives it (Together's differs)."""
+
+    status: str  # in OpenAI's lower-case names
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    input_file_id: str | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    raw: Any = None
+
+
 class OpenAIBatch(BatchAPI):
     """`provider.batch` for OpenAI: `/v1/batches` over a `/v1/files` upload.
 
@@ -59,6 +73,11 @@ class OpenAIBatch(BatchAPI):
     # OpenAI says "200 MB"; counted in decimal megabytes so either reading of it is respected.
     max_bytes = 200_000_000
     price_factor = 0.5
+    completion_window = "24h"
+    label = "OpenAI"  # how messages name the server
+    # Whether jobs carry the engine's tag in their `metadata` (and `find` looks for it): OpenAI keeps
+    # a batch's metadata; hosts that may not (or whose jobs have another shape) leave it off.
+    tags_jobs = True
 
     def __init__(self, provider: OpenAIProvider) -> None:
         self.provider = provider
@@ -68,10 +87,10 @@ class OpenAIBatch(BatchAPI):
     def jsonl(self, items: list[tuple[str, LLMRequest]]) -> bytes:
         """The batch input file for (custom_id, request) pairs; BatchError 400/413 if it cannot go."""
         if not items:
-            raise BatchError("an OpenAI batch needs at least one request", status=400)
+            raise BatchError(f"a batch for {self.label} needs at least one request", status=400)
         if len(items) > self.max_requests:
             raise BatchError(
-                f"{len(items):,} requests are over OpenAI's {self.max_requests:,} per batch", status=413
+                f"{len(items):,} requests are over {self.label}'s {self.max_requests:,} per batch", status=413
             )
         lines: list[bytes] = []
         seen: set[str] = set()
@@ -87,7 +106,7 @@ class OpenAIBatch(BatchAPI):
             if request.model != model:
                 raise BatchError(
                     f"custom_id {custom_id!r} asks for {request.model!r} but this batch is for "
-                    f"{model!r}: an OpenAI batch file holds one model",
+                    f"{model!r}: a batch file holds one model",
                     status=400,
                 )
             if not request.messages or not all(isinstance(m, dict) and "role" in m for m in request.messages):
@@ -106,21 +125,24 @@ class OpenAIBatch(BatchAPI):
         size = sum(map(len, lines))
         if size > self.max_bytes:
             raise BatchError(
-                f"the batch file is {size:,} bytes, over OpenAI's {self.max_bytes:,}", status=413
+                f"the batch file is {size:,} bytes, over {self.label}'s {self.max_bytes:,}", status=413
             )
         return b"".join(lines)
 
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
-        """Upload the requests as one JSONL file and start a 24h job on it; return the batch id."""
+        """Upload the requests as one JSONL file and start a job on it; return the batch id."""
         return await self._submit(items, None)
 
     async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
-        """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`."""
-        return await self._submit(items, {METADATA_KEY: tag})
+        """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`, where the
+        server keeps metadata (`tags_jobs`)."""
+        return await self._submit(items, {METADATA_KEY: tag} if self.tags_jobs else None)
 
     async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
         """The newest batch whose metadata carries the tag, among those created since `since` (less a
         margin for the two clocks), walking `GET /v1/batches` newest first."""
+        if not self.tags_jobs:
+            return None
         client = self.provider.client()
         try:
             async for batch in client.batches.list(limit=100):
@@ -136,46 +158,36 @@ class OpenAIBatch(BatchAPI):
         data = self.jsonl(items)
         client = self.provider.client()
         try:
-            file = await client.files.create(file=("batch.jsonl", data), purpose="batch")
+            file_id = await self._upload(client, data)
         except openai.OpenAIError as e:
             raise self._batch_error("uploading the batch file", e) from e
         try:
-            extra: dict[str, Any] = {"metadata": metadata} if metadata else {}
-            batch = await client.batches.create(
-                input_file_id=file.id, endpoint=ENDPOINT, completion_window="24h", **extra
-            )
+            if metadata:
+                batch_id = await self._create(client, file_id, metadata=metadata)
+            else:
+                batch_id = await self._create(client, file_id)
         except openai.OpenAIError as e:
-            await self._delete(file.id)
+            await self._delete(file_id)
             raise self._batch_error("creating the batch", e) from e
-        self._input_files[batch.id] = file.id
-        return batch.id
+        self._input_files[batch_id] = file_id
+        return batch_id
 
     async def status(self, job_id: str) -> BatchStatus:
-        batch = await self._retrieve(job_id)
-        counts = batch.request_counts
-        status = BatchStatus(
-            state=_STATES.get(batch.status, "running"),
-            counts={"total": counts.total, "completed": counts.completed, "failed": counts.failed}
-            if counts
-            else {},
-            raw=batch,
-        )
-        if batch.status == "failed":
-            await self._delete(self._input_files.pop(job_id, batch.input_file_id))
-            reasons = [
-                f"line {e.line}: {e.code}: {e.message}" if e.line is not None else f"{e.code}: {e.message}"
-                for e in (batch.errors.data or [] if batch.errors else [])
-            ]
+        job = await self._retrieve(job_id)
+        status = BatchStatus(state=_STATES.get(job.status, "running"), counts=job.counts, raw=job.raw)
+        if job.status == "failed":
+            await self._delete(self._input_files.pop(job_id, job.input_file_id))
             raise BatchError(
-                f"OpenAI batch {job_id} failed: " + ("; ".join(reasons) or "OpenAI gave no reason")
+                f"{self.label} batch {job_id} failed: "
+                + ("; ".join(job.errors) or f"{self.label} gave no reason")
             )
         return status
 
     async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
         """Every line of the output file and of the error file (either may be missing), in any order."""
-        batch = await self._retrieve(job_id)
+        job = await self._retrieve(job_id)
         client = self.provider.client()
-        for file_id in (batch.output_file_id, batch.error_file_id):
+        for file_id in (job.output_file_id, job.error_file_id):
             if not file_id:
                 continue
             try:
@@ -188,24 +200,62 @@ class OpenAIBatch(BatchAPI):
             except openai.OpenAIError as e:
                 raise self.provider.translate_error(e) from e
             except httpx2.TransportError as e:  # the connection dropped mid-file
-                raise TransientError(f"reading OpenAI batch {job_id}'s results: {e!r}") from e
-        if _STATES.get(batch.status) == "ended":  # a running job still reads its input file
-            await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+                raise TransientError(f"reading {self.label} batch {job_id}'s results: {e!r}") from e
+        if _STATES.get(job.status) == "ended":  # a running job still reads its input file
+            await self._delete(self._input_files.pop(job_id, job.input_file_id))
 
     async def cancel(self, job_id: str) -> None:
-        client = self.provider.client()
         try:
-            batch = await client.batches.cancel(job_id)
+            input_file_id = await self._cancel(self.provider.client(), job_id)
         except openai.OpenAIError as e:
             raise self.provider.translate_error(e) from e
-        await self._delete(self._input_files.pop(job_id, batch.input_file_id))
+        await self._delete(self._input_files.pop(job_id, input_file_id))
+
+    # The server's own shapes live in these four: a host whose batch API differs (Together) overrides
+    # them and the rest of the batch path stays as it is.
+
+    async def _upload(self, client: openai.AsyncOpenAI, data: bytes) -> str:
+        file = await client.files.create(file=("batch.jsonl", data), purpose="batch")
+        return file.id
+
+    async def _create(
+        self, client: openai.AsyncOpenAI, file_id: str, metadata: dict[str, str] | None = None
+    ) -> str:
+        extra: dict[str, Any] = {"metadata": metadata} if metadata else {}
+        batch = await client.batches.create(
+            input_file_id=file_id, endpoint=ENDPOINT, completion_window=self.completion_window, **extra
+        )
+        return batch.id
+
+    async def _job(self, client: openai.AsyncOpenAI, job_id: str) -> Job:
+        batch = await client.batches.retrieve(job_id)
+        counts = batch.request_counts
+        return Job(
+            status=batch.status,
+            counts={"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+            if counts
+            else {},
+            errors=[
+                f"line {e.line}: {e.code}: {e.message}" if e.line is not None else f"{e.code}: {e.message}"
+                for e in (batch.errors.data or [] if batch.errors else [])
+            ],
+            input_file_id=batch.input_file_id,
+            output_file_id=batch.output_file_id,
+            error_file_id=batch.error_file_id,
+            raw=batch,
+        )
+
+    async def _cancel(self, client: openai.AsyncOpenAI, job_id: str) -> str | None:
+        """Ask the server to cancel; the job's input file id, to delete it."""
+        batch = await client.batches.cancel(job_id)
+        return batch.input_file_id
 
     def _line(self, job_id: str, line: str) -> tuple[str, LLMResponse | LLMError] | None:
         try:
             record = json.loads(line)
             custom_id = record["custom_id"]
         except (ValueError, KeyError, TypeError):
-            logger.warning("OpenAI batch %s: skipped an unreadable result line: %.200s", job_id, line)
+            logger.warning("%s batch %s: skipped an unreadable result line: %.200s", self.label, job_id, line)
             return None
         response = record.get("response") or {}
         error = record.get("error") or {}
@@ -215,13 +265,15 @@ class OpenAIBatch(BatchAPI):
             return custom_id, self._response(body)
         if not response and error.get("code") in _NOT_RUN:
             return custom_id, TransientError(
-                f"request {custom_id} in OpenAI batch {job_id} {_NOT_RUN[error['code']]}"
+                f"request {custom_id} in {self.label} batch {job_id} {_NOT_RUN[error['code']]}"
             )
         detail = (body or {}).get("error") if isinstance(body, dict) else None
         detail = detail if isinstance(detail, dict) else error
         message = detail.get("message") or f"no message (line: {line[:200]})"
         code = detail.get("code")
-        text = f"request {custom_id} in OpenAI batch {job_id} failed" + (f" ({status})" if status else "")
+        text = f"request {custom_id} in {self.label} batch {job_id} failed" + (
+            f" ({status})" if status else ""
+        )
         text += f": {message}" + (f" [{code}]" if code else "")
         if status == 429 and code == "insufficient_quota":
             return custom_id, error_for_status(429, text, should_retry=False)
@@ -243,9 +295,9 @@ class OpenAIBatch(BatchAPI):
             raw=body,
         )
 
-    async def _retrieve(self, job_id: str) -> Any:
+    async def _retrieve(self, job_id: str) -> Job:
         try:
-            return await self.provider.client().batches.retrieve(job_id)
+            return await self._job(self.provider.client(), job_id)
         except openai.OpenAIError as e:
             raise self.provider.translate_error(e) from e
 
@@ -255,12 +307,12 @@ class OpenAIBatch(BatchAPI):
         try:
             await self.provider.client().files.delete(file_id)
         except openai.OpenAIError as e:  # a leftover file costs nothing but storage; never fail a job on it
-            logger.info("could not delete OpenAI batch input file %s: %s", file_id, e)
+            logger.info("could not delete %s batch input file %s: %s", self.label, file_id, e)
 
     def _batch_error(self, doing: str, e: openai.OpenAIError) -> BatchError:
         err = self.provider.translate_error(e)
         return BatchError(
-            f"OpenAI batch: {doing} failed: {err.message}",
+            f"{self.label} batch: {doing} failed: {err.message}",
             status=err.status,
             retry_after=err.retry_after,
             retryable=err.retryable,

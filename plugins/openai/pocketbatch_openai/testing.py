@@ -36,6 +36,47 @@ from pocketbatch.testing import respx_mocker
 BASE_URL = "https://api.openai.com/v1"
 ENDPOINT = "/v1/chat/completions"
 
+
+@dataclass(frozen=True)
+class Flavor:
+    """How one OpenAI-shaped server differs from OpenAI itself, as its documentation says."""
+
+    base_url: str
+    upload_path: tuple[str, ...] = ("files",)  # where a batch input file is uploaded
+    upload_purpose: str = "batch"
+    windows: tuple[str, ...] = ("24h",)  # the completion windows a batch may ask for
+    together_jobs: bool = False  # jobs as Together shapes them: wrapped on create, upper-case, progress
+    rate_limits: tuple[tuple[str, str], ...] = (
+        ("x-ratelimit-limit-requests", "500"),
+        ("x-ratelimit-limit-tokens", "200000"),
+        ("x-ratelimit-reset-requests", "120ms"),
+        ("x-ratelimit-reset-tokens", "6m0s"),
+    )
+
+
+FLAVORS: dict[str, Flavor] = {
+    "openai": Flavor(BASE_URL),
+    # Groq: the OpenAI API under /openai/v1; windows from 24h to 7d; its request headers count per day.
+    "groq": Flavor(
+        "https://api.groq.com/openai/v1",
+        windows=tuple(f"{h}h" for h in range(24, 169)) + tuple(f"{d}d" for d in range(1, 8)),
+        rate_limits=(
+            ("x-ratelimit-limit-requests", "14400"),
+            ("x-ratelimit-limit-tokens", "250000"),
+            ("x-ratelimit-reset-requests", "2m59.56s"),
+            ("x-ratelimit-reset-tokens", "7.66s"),
+        ),
+    ),
+    # Together: uploads at /files/upload with purpose batch-api; jobs of its own shape; its own headers.
+    "together": Flavor(
+        "https://api.together.xyz/v1",
+        upload_path=("files", "upload"),
+        upload_purpose="batch-api",
+        together_jobs=True,
+        rate_limits=(("x-ratelimit-limit", "10"), ("x-ratelimit-remaining", "9"), ("x-ratelimit-reset", "1")),
+    ),
+}
+
 _MESSAGES = {
     400: ("Invalid request.", "invalid_request_error", None),
     401: ("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"),
@@ -123,10 +164,15 @@ class OpenAIEmulator:
       of input order, default True); `reply(body) -> str | Refusal` (default `default_reply`); `snapshots`
       (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses);
       `cached_tokens` (prompt tokens each reply reports as cache reads, in `prompt_tokens_details`).
+    `flavor` ("openai", "groq" or "together") serves another OpenAI-shaped API with its documented
+    differences (see FLAVORS): Groq's `/openai/v1` base and 24h-7d windows and per-day request headers;
+    Together's `/files/upload` with purpose `batch-api`, jobs wrapped in `{"job": ...}` on create, with
+    upper-case states and a `progress` percentage instead of request counts.
     """
 
-    def __init__(self, base_url: str = BASE_URL, *, seed: int = 0) -> None:
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, base_url: str | None = None, *, seed: int = 0, flavor: str = "openai") -> None:
+        self.flavor = FLAVORS[flavor]
+        self.base_url = (base_url or self.flavor.base_url).rstrip("/")
         self.requests: list[Any] = []
         self.calls: Counter[str] = Counter()
         self.files: dict[str, dict[str, Any]] = {}
@@ -144,12 +190,7 @@ class OpenAIEmulator:
             "gpt-4o-mini": "gpt-4o-mini-2024-07-18",
             "gpt-4o": "gpt-4o-2024-08-06",
         }
-        self.rate_limits: dict[str, str] = {
-            "x-ratelimit-limit-requests": "500",
-            "x-ratelimit-limit-tokens": "200000",
-            "x-ratelimit-reset-requests": "120ms",
-            "x-ratelimit-reset-tokens": "6m0s",
-        }
+        self.rate_limits: dict[str, str] = dict(self.flavor.rate_limits)
         self._routes: list[str] = []  # the route of each entry in self.requests
         self._jobs: dict[str, _Job] = {}
         self._faults: dict[str, list[Fault]] = {}
@@ -269,6 +310,8 @@ class OpenAIEmulator:
             raise httpcore2.ReadError("emulated connection lost before the answer arrived")
         if faults:
             return self._fault(faults.pop(0), route, request)
+        if not request.headers.get("authorization", "").startswith("Bearer "):
+            return self._error(401, "You didn't provide an API key.")
         if handler is None:
             return self._error(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
         return handler(request, *args)
@@ -282,7 +325,7 @@ class OpenAIEmulator:
         match method, parts:
             case "POST", ["chat", "completions"]:
                 return "chat", self._chat, ()
-            case "POST", ["files"]:
+            case "POST", path if tuple(path) == self.flavor.upload_path:
                 return "files.create", self._file_create, ()
             case "GET", ["files", file_id]:
                 return "files.retrieve", self._file_retrieve, (file_id,)
@@ -395,6 +438,8 @@ class OpenAIEmulator:
         headers = dict(self.rate_limits)
         limit_requests = int(headers.get("x-ratelimit-limit-requests", "0") or 0)
         limit_tokens = int(headers.get("x-ratelimit-limit-tokens", "0") or 0)
+        if "x-ratelimit-limit-requests" not in headers:  # a server with headers of its own naming
+            return headers
         if remaining_requests is None:
             remaining_requests = max(0, limit_requests - self._used_requests)
         headers.setdefault("x-ratelimit-remaining-requests", str(remaining_requests))
@@ -405,10 +450,11 @@ class OpenAIEmulator:
 
     def _file_create(self, request: Any) -> Any:
         form = _multipart(request.headers.get("content-type", ""), request.content)
-        if "file" not in form or form.get("purpose", (None, b""))[1] != b"batch":
-            return self._error(400, "Upload a 'file' with purpose 'batch'.")
+        purpose = self.flavor.upload_purpose
+        if "file" not in form or form.get("purpose", (None, b""))[1] != purpose.encode():
+            return self._error(400, f"Upload a 'file' with purpose '{purpose}'.")
         filename, content = form["file"]
-        file = self._add_file(filename or "upload.jsonl", content, "batch")
+        file = self._add_file(filename or "upload.jsonl", content, purpose)
         return self._response(200, file)
 
     def _add_file(self, filename: str, content: bytes, purpose: str) -> dict:
@@ -453,8 +499,9 @@ class OpenAIEmulator:
             return self._error(404, f"No such File object: {file_id}")
         if params.get("endpoint") != ENDPOINT:
             return self._error(400, f"The emulator only serves {ENDPOINT} batches.")
-        if params.get("completion_window") != "24h":
-            return self._error(400, "completion_window must be '24h'.")
+        window = params.get("completion_window")
+        if window not in self.flavor.windows:
+            return self._error(400, f"completion_window {window!r} is not one of {self.flavor.windows[0]}..")
         batch_id = f"batch_{next(self._ids)}"
         lines, errors = _read_input(self.files[file_id]["content"])
         if self._batch_failures:
@@ -464,7 +511,7 @@ class OpenAIEmulator:
             "object": "batch",
             "endpoint": ENDPOINT,
             "input_file_id": file_id,
-            "completion_window": "24h",
+            "completion_window": window,
             "status": "validating",
             "created_at": self._clock,
             "expires_at": self._clock + 86_400,
@@ -476,13 +523,15 @@ class OpenAIEmulator:
         }
         self.batches[batch_id] = batch
         self._jobs[batch_id] = _Job(lines=lines, errors=errors)
+        if self.flavor.together_jobs:
+            return self._response(200, {"job": self.together_job(batch_id), "warning": ""})
         return self._response(200, batch)
 
     def _batch_retrieve(self, request: Any, batch_id: str) -> Any:
         if batch_id not in self.batches:
             return self._error(404, f"No batch found with id '{batch_id}'.")
         self._advance(batch_id)
-        return self._response(200, self.batches[batch_id])
+        return self._response(200, self._served(batch_id))
 
     def _batch_cancel(self, request: Any, batch_id: str) -> Any:
         if batch_id not in self.batches:
@@ -492,7 +541,34 @@ class OpenAIEmulator:
             return self._error(400, f"Cannot cancel a batch with status '{batch['status']}'.")
         self._set_status(batch, "cancelling")
         self._jobs[batch_id].polls = 0
-        return self._response(200, batch)
+        return self._response(200, self._served(batch_id))
+
+    def _served(self, batch_id: str) -> dict:
+        return self.together_job(batch_id) if self.flavor.together_jobs else self.batches[batch_id]
+
+    def together_job(self, batch_id: str) -> dict:
+        """The batch as Together serves it: upper-case status, a progress percentage, no request counts."""
+        batch, job = self.batches[batch_id], self._jobs[batch_id]
+        counts = batch["request_counts"]
+        done = counts["completed"] + counts["failed"]
+        errors = (batch.get("errors") or {}).get("data") or []
+        return {
+            "id": batch_id,
+            "user_id": "user-emulated",
+            "input_file_id": batch["input_file_id"],
+            "file_size_bytes": len(self.files.get(batch["input_file_id"], {}).get("content", b"")),
+            # Together documents no cancelling state: a job being cancelled is still in progress.
+            "status": "IN_PROGRESS" if batch["status"] == "cancelling" else batch["status"].upper(),
+            "job_deadline": "2026-12-03T00:00:00Z",
+            "created_at": "2026-12-02T00:00:00Z",
+            "endpoint": batch["endpoint"],
+            "progress": 100.0 * done / len(job.lines) if job.lines else 0.0,
+            "model_id": job.lines[0]["body"]["model"] if job.lines else None,
+            "output_file_id": batch["output_file_id"],
+            "error_file_id": batch["error_file_id"],
+            "error": "; ".join(e["message"] for e in errors) or None,
+            "completed_at": None,
+        }
 
     def _batch_list(self, request: Any) -> Any:
         data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
@@ -705,6 +781,24 @@ def _multipart(content_type: str, data: bytes) -> dict[str, tuple[str | None, by
         if name:
             parts[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
     return parts
+
+
+@pytest.fixture
+def groq_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAIEmulator]:
+    """An OpenAIEmulator serving Groq's API on https://api.groq.com/openai/v1, with a test GROQ_API_KEY."""
+    monkeypatch.setenv("GROQ_API_KEY", "gsk-test-groq-emulator")
+    monkeypatch.delenv("GROQ_BASE_URL", raising=False)
+    with OpenAIEmulator(flavor="groq") as emulator:
+        yield emulator
+
+
+@pytest.fixture
+def together_emulator(monkeypatch: pytest.MonkeyPatch) -> Iterator[OpenAIEmulator]:
+    """An OpenAIEmulator serving Together's API on api.together.xyz/v1, with a test TOGETHER_API_KEY."""
+    monkeypatch.setenv("TOGETHER_API_KEY", "test-together-emulator")
+    monkeypatch.delenv("TOGETHER_BASE_URL", raising=False)
+    with OpenAIEmulator(flavor="together") as emulator:
+        yield emulator
 
 
 @pytest.fixture

@@ -309,8 +309,11 @@ def test_provider_declaration():
 def test_hook_registers_the_provider_with_bare_aliases():
     registered = []
     register_providers(lambda provider, aliases=(): registered.append((provider, aliases)))
-    ((provider, aliases),) = registered
+    (provider, aliases), (groq, groq_aliases), (together, together_aliases) = registered
     assert isinstance(provider, OpenAIProvider) and "gpt-4o-mini" in aliases and "o4-mini" in aliases
+    # Groq and Together share the code; their names carry a maker, so they get no bare aliases.
+    assert (groq.name, together.name) == ("groq", "together") and groq_aliases == together_aliases == ()
+    assert isinstance(groq, OpenAIProvider) and isinstance(together, OpenAIProvider)
 
 
 def test_entry_points():

@@ -1,0 +1,125 @@
+"""What pocketbatch itself costs per item, through the path users run: the seed's AsyncParallelBatchNode whose
+exec_async awaits call_llm_async(prompt), on the offline provider with no latency, the journal on, each run
+a fresh process.
+
+    .venv/bin/python bench/node_path.py                                  # both modes, the issue's sizes
+    .venv/bin/python bench/node_path.py --mode concurrent --items 100000
+    .venv/bin/python bench/node_path.py --mode batch --items 1000000     # a million-item batch round
+
+Time: from the flow's start to its end, per item (the offline provider's own work included: for a batch
+round it writes and reads its job files). Memory: the process's peak RSS less that of a baseline process
+that imports the same packages and holds the same prompts and results (the reply strings), per item.
+In concurrent mode the client-side limits are off (POCKETBATCH_OFFLINE_RPM=0, TPM=0), so only
+pocketbatch's own work is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+SIZES = {"concurrent": 100_000, "batch": 200_000}
+TARGETS = {"concurrent": (30.0, 2.0), "batch": (100.0, 2.0)}  # (µs per item, KiB per item), issue 14
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Summarize document {i}: the quick brown fox jumps over the lazy dog." for i in range(n)]
+
+
+def worker(mode: str, items: int, baseline: bool) -> dict:
+    import gc
+
+    import pocketbatch
+    from pocketbatch import AsyncFlow, AsyncParallelBatchNode, call_llm_async
+
+    texts = prompts(items)
+    if baseline:
+        # What any program holding these prompts and their replies needs, without pocketbatch doing anything.
+        from pocketbatch.default_plugins.offline import reply
+        from pocketbatch.providers import LLMRequest
+
+        results = [reply(LLMRequest.from_prompt(t, "offline-small"))[0] for t in texts]
+        gc.collect()
+        return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "n": len(results)}
+
+    class Summaries(AsyncParallelBatchNode):  # the seed's node
+        async def prep_async(self, shared):
+            return shared["texts"]
+
+        async def exec_async(self, text):
+            return await call_llm_async(text)
+
+        async def post_async(self, shared, prep_res, exec_res_list):
+            shared["results"] = exec_res_list
+
+    import asyncio
+
+    shared = {"texts": texts}
+    start = time.perf_counter()
+    asyncio.run(AsyncFlow(start=Summaries()).run_async(shared))
+    seconds = time.perf_counter() - start
+    results = shared["results"]
+    assert len(results) == items and all(isinstance(r, str) for r in results)
+    vias = {r.via for r in results}
+    assert vias == {mode}, vias
+    del pocketbatch
+    return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
+
+
+def run(mode: str, items: int, baseline: bool, tmp: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    env |= {
+        "POCKETBATCH_PROVIDER": "offline",
+        "POCKETBATCH_MODE": mode,
+        "POCKETBATCH_OFFLINE_LATENCY": "0",
+        "POCKETBATCH_OFFLINE_BATCH_SECONDS": "0",
+        "POCKETBATCH_OFFLINE_RPM": "0",
+        "POCKETBATCH_OFFLINE_TPM": "0",
+        "POCKETBATCH_POLL_INTERVAL": "0.01",
+        "POCKETBATCH_JOURNAL": os.path.join(tmp, f"journal-{time.monotonic_ns()}.sqlite3"),
+        "POCKETBATCH_OFFLINE_DIR": os.path.join(tmp, "offline"),
+    }
+    command = [sys.executable, __file__, "--worker", mode, str(items), str(int(baseline))]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise SystemExit(done.stderr[-3000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=tuple(SIZES), action="append")
+    parser.add_argument("--items", type=int, help="default: 100,000 concurrent, 200,000 batch")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        mode, items, baseline = args.worker
+        print(json.dumps(worker(mode, int(items), baseline == "1")))
+        return
+    python = sys.version.split()[0]
+    print(f"Python {python}; each run a fresh process; offline provider, no latency, journal on")
+    print("| mode | items | µs per item | extra peak KiB per item | target (µs, KiB) | total | extra peak |")
+    print("|---|---:|---:|---:|---|---:|---:|")
+    for mode in args.mode or tuple(SIZES):
+        items = args.items or SIZES[mode]
+        with tempfile.TemporaryDirectory() as tmp:
+            base = run(mode, items, True, tmp)
+            got = run(mode, items, False, tmp)
+        extra = max(0, got["rss_kib"] - base["rss_kib"])
+        us, kib = got["seconds"] / items * 1e6, extra / items
+        t_us, t_kib = TARGETS[mode]
+        print(
+            f"| {mode} | {items:,} | **{us:.1f}** | **{kib:.2f}** | ≤ {t_us:g} µs, ≤ {t_kib:g} KiB | "
+            f"{got['seconds']:.1f} s | {extra / 1024:,.0f} MiB |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
