@@ -136,7 +136,9 @@ class OpenAIBatch(BatchAPI):
     async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
         """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`, where the
         server keeps metadata (`tags_jobs`)."""
-        return await self._submit(items, {METADATA_KEY: tag} if self.tags_jobs else None)
+        if not self.tags_jobs:
+            return await self.submit(items)
+        return await self._submit(items, {METADATA_KEY: tag})
 
     async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
         """The newest batch whose metadata carries the tag, among those created since `since` (less a
