@@ -35,6 +35,18 @@ def test_providers_json_lists_the_offline_provider():
     assert code == 0
     assert offline["key"] == "not needed" and offline["batch"] is True
     assert offline["models"] == ["offline-small", "offline-large"]
+    assert offline["prices"] == {"offline-small": [0.15, 0.6], "offline-large": [2.5, 10.0]}
+    assert offline["cache_prices"] == {} and offline["prices_date"] is None  # pretend prices, undated
+
+
+def test_providers_json_shows_each_price_table_and_its_date():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    done = subprocess.run([str(BIN), "providers", "--json"], env=env, capture_output=True, text=True)
+    rows = {p["name"]: p for p in json.loads(done.stdout)}  # a real process loads the installed plugins
+    assert rows["anthropic"]["prices_date"] == "2026-11-25" and rows["openai"]["prices_date"] == "2025-08"
+    assert rows["anthropic"]["prices"]["claude-haiku-4-5"] == [1.0, 5.0]
+    assert rows["anthropic"]["cache_prices"]["claude-haiku-4-5"] == [0.1, 1.25]
+    assert rows["openai"]["prices"]["gpt-4o-mini"] == [0.15, 0.6]
 
 
 def test_providers_table():

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pocketbatch import LLMResponse, RequestError, Usage
+from pocketbatch import BatchError, LLMResponse, RequestError, TransientError, Usage
 from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
@@ -46,6 +47,8 @@ def test_outcomes_round_trip_through_json():
     r = LLMResponse("hi", usage=Usage(2, 3), model="m", provider="p", via="batch", cost_usd=0.1)
     back = decode(json.loads(json.dumps(encode(r))))
     assert (back, back.usage, back.via, back.cost_usd) == ("hi", Usage(2, 3), "batch", 0.1)
+    cached = LLMResponse("hi", usage=Usage(9, 1, cache_read_tokens=5, cache_write_tokens=2))
+    assert decode(json.loads(json.dumps(encode(cached)))).usage == cached.usage
     err = decode(encode(RequestError("bad", status=400)))
     assert isinstance(err, RequestError) and err.status == 400 and not err.retryable
 
@@ -301,3 +304,162 @@ def test_a_lease_left_by_a_dead_process_does_not_hold(tmp_path):
     assert not store.acquire("r", f"{here}:{os.getpid()}:z")  # a live holder (elsewhere:1) holds it
     store.release("r", "elsewhere:1:y")
     assert store.acquire("r", f"{here}:{os.getpid()}:z")
+
+
+# -- no double submission ------------------------------------------------------------------------
+
+KILLED_AFTER_CREATE = """
+import os, signal, sys
+from pocketbatch.cli import main
+from pocketbatch.default_plugins.offline import OfflineBatch
+
+create = OfflineBatch.submit_tagged
+
+async def create_then_die(self, items, tag):
+    await create(self, items, tag)  # the provider has the job; its id never reaches the journal
+    os.kill(os.getpid(), signal.SIGKILL)
+
+OfflineBatch.submit_tagged = create_then_die
+sys.argv = ["pocketbatch", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_killed_between_create_and_the_journal_write_the_rerun_finds_the_job(tmp_path):
+    env = cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="0.2")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(f"prompt {i}") + "\n" for i in range(20)))
+    args = ["run", str(src), "-o", str(tmp_path / "out.jsonl"), "--mode", "batch"]
+    first = subprocess.run([sys.executable, "-c", KILLED_AFTER_CREATE, *args], env=env, capture_output=True)
+    assert first.returncode == -signal.SIGKILL
+    assert job_states(tmp_path) == []  # no job id was written down, only the "submitting" row
+    assert len(list((tmp_path / "offline").glob("*.json"))) == 1
+    finish_and_check(tmp_path, env)  # one job in all: the re-run found it at the provider
+    assert job_states(tmp_path) == ["collected"]
+    rows = sqlite3.connect(tmp_path / "journal.sqlite3").execute("SELECT * FROM submissions").fetchall()
+    assert rows == []
+
+
+async def test_a_lost_answer_to_the_create_call_is_looked_up_before_submitting_again(monkeypatch):
+    create = OfflineBatch.submit_tagged
+    lost = []
+
+    async def answer_lost_once(self, items, tag):
+        job_id = await create(self, items, tag)
+        if not lost:
+            lost.append(job_id)
+            raise TransientError("the connection dropped before the answer came")  # the job exists
+        return job_id
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", answer_lost_once)
+    out, _ = await run([1, 2, 3])
+    assert [f"say {i}" in r for i, r in zip([1, 2, 3], out, strict=True)] == [True] * 3
+    assert {r.via for r in out} == {"batch"} and jobs_submitted() == 1
+    assert [j.job_id for j in journal().jobs()] == lost
+
+
+async def test_a_provider_that_cannot_find_jobs_keeps_the_submitting_row_after_failing(
+    monkeypatch, pocketbatch_env
+):
+    async def always_lost(self, items, tag):
+        raise TransientError("the connection dropped")
+
+    async def finds_nothing(self, tag, items, since):
+        return None
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", always_lost)
+    monkeypatch.setattr(OfflineBatch, "find", finds_nothing)
+    pocketbatch_env(POCKETBATCH_MAX_RETRIES="2", POCKETBATCH_POLL_INTERVAL="0.01", POCKETBATCH_MODE="batch",
+                    POCKETBATCH_PROVIDER="offline")  # fmt: skip
+    out, _ = await run([1, 2])
+    assert {r.via for r in out} == {"concurrent"}  # answered all the same
+    [(key,)] = journal().db.execute("SELECT DISTINCT round FROM submissions").fetchall()
+    [sub] = journal().submissions(key)
+    assert len(sub.custom_ids) == 2  # a later run of a round with these requests asks the provider first
+
+
+# -- a journal that stays small ----------------------------------------------------------------------
+
+
+def age(round_key, days):
+    """Make a round look last used `days` ago (its jobs too)."""
+    then = time.time() - days * 86400
+    journal().db.execute("UPDATE rounds SET last_used = ? WHERE round = ?", (then, round_key))
+    journal().db.execute(
+        "UPDATE jobs SET submitted_at = ?, ended_at = ? WHERE round = ?", (then, then, round_key)
+    )
+
+
+def prune(*args):
+    from click.testing import CliRunner
+
+    from pocketbatch.cli import cli
+
+    done = CliRunner().invoke(cli, ["batches", "prune", *args])
+    assert done.exit_code == 0, done.output
+    return done.output
+
+
+async def test_prune_deletes_old_ended_rounds_and_keeps_recent_and_running_ones(monkeypatch):
+    await run(["old"])
+    await run(["recent"])
+    old, recent = [job.round for job in journal().jobs()]
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "600")
+    cancel_policy.set(CancelPolicy("leave"))
+    task = asyncio.ensure_future(run(["still running"]))
+    while len(journal().jobs()) < 3:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancel_policy.set(None)
+    running = journal().jobs()[-1].round
+    age(old, 40)
+    age(running, 40)
+
+    dry = prune("--dry-run")
+    assert re.match(r"would prune 1 round last used before [-0-9]+ [:0-9]+ \(1 job, 1 results\)", dry)
+    assert "kept 1 with jobs still running" in dry
+    assert len(journal().jobs()) == 3  # a dry run deletes nothing
+
+    done = prune("--older-than", "30d")
+    pruned = r"pruned 1 round last used before .* \(1 job, 1 results\); kept 1 .*\nfreed [0-9.,]+ .*B"
+    assert re.match(pruned, done)
+    assert {job.round for job in journal().jobs()} == {recent, running}
+    assert journal().outcomes(old) == {} and journal().outcomes(recent) != {}
+    assert not journal().knows(old)
+    everything = prune("--older-than", "0")  # all but the round whose job is still running
+    assert everything.startswith("pruned 1 round") and "kept 1 with jobs still running" in everything
+    assert [job.round for job in journal().jobs()] == [running]
+
+
+def test_prune_refuses_a_duration_it_cannot_read():
+    from click.testing import CliRunner
+
+    from pocketbatch.cli import cli
+
+    done = CliRunner().invoke(cli, ["batches", "prune", "--older-than", "soon"])
+    assert done.exit_code == 2 and "'soon' is not a duration" in done.output
+
+
+def test_an_older_journal_gets_its_rounds_dated_when_opened(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    store = Journal(path)
+    store.add_job("job-1", "round-a", "offline", "m", ["a"])
+    store.db.execute("UPDATE jobs SET submitted_at = 1000, ended_at = 2000")
+    store.save_outcomes("round-b", {"x": LLMResponse("hi")})  # a round known only by its outcomes
+    store.db.execute("DROP TABLE rounds")  # as journals written before it were
+    store.close()
+    reopened = Journal(path)
+    rows = dict(reopened.db.execute("SELECT round, last_used FROM rounds").fetchall())
+    assert rows["round-a"] == 2000 and rows["round-b"] > time.time() - 3600  # undated: counted from now
+
+
+async def test_a_create_call_answered_with_an_error_leaves_no_submitting_row(monkeypatch):
+    async def queue_full(self, items, tag):
+        raise BatchError("the batch queue is full", status=429, retryable=True)  # an answer: no job
+
+    monkeypatch.setattr(OfflineBatch, "submit_tagged", queue_full)
+    out, _ = await run([1, 2])
+    assert {r.via for r in out} == {"concurrent"}
+    assert journal().db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0

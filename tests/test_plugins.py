@@ -103,9 +103,12 @@ def test_a_plugin_that_fails_to_import_is_named_and_the_others_still_load(site):
     write_plugin(site, "pocketbatch-broken", "pb_broken", "raise ImportError('needs libfoo')\n")
     result = pocketbatch("providers", "--json", site=site)
     assert "pb_broken" in result.stderr and "needs libfoo" in result.stderr
+    assert "plugin pocketbatch-broken 1.2.3 (entry point pb_broken = " in result.stderr
+    assert "`pip uninstall pocketbatch-broken` removes it" in result.stderr
     assert {"good", "offline"} <= provider_names(result)
     plugins = json.loads(pocketbatch("plugins", site=site).stdout)
-    assert {"name": "pb_broken", "error": "ImportError: needs libfoo"} in plugins
+    broken = {"name": "pocketbatch-broken", "version": "1.2.3", "entry_point": "pb_broken"}
+    assert {**broken, "error": "ImportError: needs libfoo"} in plugins
 
 
 def test_trace_plugins_prints_hook_calls(site):
@@ -194,3 +197,17 @@ def test_many_threads_asking_for_a_provider_at_once_all_find_it(site):
     done = python(code, site, under_pytest=True)  # lazy: the threads' first calls load the plugins
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['waited']"
+
+
+def test_a_plugin_imported_before_pocketbatch_still_registers_its_providers(site):
+    # `import pb_good` imports pocketbatch, which loads the plugins, pb_good among them, while pb_good's
+    # own import has not finished: its hook is loaded on the first call instead of being lost.
+    write_plugin(site, "pocketbatch-good", "pb_good", GOOD)
+    script = "import pb_good\nfrom pocketbatch import call_llm\nprint(call_llm('hi', model='good/g1'))\n"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("POCKETBATCH_", "PYTEST"))}
+    environ["PYTHONPATH"] = str(site)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environ, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "good\n"

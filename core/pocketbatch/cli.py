@@ -52,6 +52,10 @@ def providers(as_json: bool) -> None:
                 "key_env_var": p.key_env_var,
                 "key": registry.key_status(p),
                 "batch": p.batch is not None,
+                # USD per million tokens, and the day the plugin's price table was checked
+                "prices": {model: list(price) for model, price in p.prices.items()},
+                "cache_prices": {model: list(price) for model, price in p.cache_prices.items()},
+                "prices_date": p.prices_date,
             }
         )
     if as_json:
@@ -86,7 +90,14 @@ def plugins() -> None:
                 "builtin": name in DEFAULT_PLUGINS,
             }
         )
-    rows += [{"name": name, "error": why} for name, why in load_errors.items()]
+    for name, why in load_errors.items():
+        dist = distributions.get(name)
+        if dist is None:  # named by POCKETBATCH_LOAD_PLUGINS, not installed
+            rows.append({"name": name, "error": why})
+        else:  # named as installed (what `pip uninstall` takes), and by its entry point
+            rows.append(
+                {"name": dist.metadata["Name"], "version": dist.version, "entry_point": name, "error": why}
+            )
     click.echo(json.dumps(rows, indent=2))
 
 
@@ -249,6 +260,61 @@ def batches_resume(job_id: str) -> None:
     job = _job(job_id)
     counts = asyncio.run(follow(job))
     click.echo(f"{job_id}: {json.dumps(counts)}; run the same `pocketbatch run` again to write them out")
+
+
+@batches.command("prune")
+@click.option(
+    "--older-than",
+    default="30d",
+    show_default=True,
+    help="Prune rounds last used longer ago than this: a number with s, m, h, d or w (days if none).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be pruned, and delete nothing.")
+def batches_prune(older_than: str, dry_run: bool) -> None:
+    """Delete ended rounds (their jobs and results) from the journal, and say how much that freed.
+
+    A round with a job the provider may still run or deliver is never pruned."""
+    cutoff = time.time() - _duration(older_than)
+    store = _journal()
+    done = store.prune(cutoff, dry_run=dry_run)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cutoff))
+    what = (
+        f"{done.rounds:,} round{'s' if done.rounds != 1 else ''} last used before {when} "
+        f"({done.jobs:,} job{'s' if done.jobs != 1 else ''}, {done.outcomes:,} results)"
+    )
+    kept = f"; kept {done.kept:,} with jobs still running or undelivered" if done.kept else ""
+    click.echo(f"{'would prune' if dry_run else 'pruned'} {what}{kept}")
+    if dry_run:
+        click.echo(f"the journal is {_bytes(done.size_before)}: {store.path}")
+    else:
+        freed = max(0, done.size_before - done.size_after)
+        click.echo(f"freed {_bytes(freed)}; the journal is now {_bytes(done.size_after)}: {store.path}")
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> float:
+    value, unit = text.strip().lower(), "d"
+    if value and value[-1] in _UNITS:
+        value, unit = value[:-1], value[-1]
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise click.BadParameter(
+            f"{text!r} is not a duration: a number with s, m, h, d or w (30d, 12h)", param_hint="--older-than"
+        )
+    return number * _UNITS[unit]
+
+
+def _bytes(n: int) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} GB"
 
 
 def _journal():

@@ -44,6 +44,7 @@ class Settings:
     reuse: bool = True
     log: str = "warning"
     schema_retries: int = 2  # re-asks of an answer that fails its schema, after the first answer
+    round_timeout: float = 5.0  # seconds without progress before a round flushes what it holds; 0 = never
 
     def limits_for(self, provider: str) -> Limits:
         """The user's limits for one provider: its own variables first, then the global ones."""
@@ -100,6 +101,11 @@ def settings() -> Settings:
         reuse=_flag(env, "POCKETBATCH_REUSE", True),
         log=log,
         schema_retries=_retries("POCKETBATCH_SCHEMA_RETRIES", env.get("POCKETBATCH_SCHEMA_RETRIES", "2")),
+        round_timeout=_number(
+            "POCKETBATCH_ROUND_TIMEOUT",
+            env.get("POCKETBATCH_ROUND_TIMEOUT", "5"),
+            "a number of seconds ≥ 0 (0: a round waits for all its items, however long)",
+        ),
     )
 
 

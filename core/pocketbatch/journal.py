@@ -49,6 +49,33 @@ CREATE TABLE IF NOT EXISTS outcomes (
     outcome TEXT NOT NULL,
     PRIMARY KEY (round, custom_id)
 );
+CREATE TABLE IF NOT EXISTS submissions (
+    round TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    custom_ids TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (round, tag)
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round TEXT PRIMARY KEY,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    first_used REAL NOT NULL,
+    last_used REAL NOT NULL
+);
+"""
+
+# Journals written before the rounds table get one row per round they know, used "now": pruning then
+# counts their age from the upgrade, never deleting what it cannot date.
+BACKFILL_ROUNDS = """
+INSERT OR IGNORE INTO rounds
+    SELECT round, provider, model, MIN(submitted_at), MAX(COALESCE(ended_at, submitted_at)) FROM jobs
+    GROUP BY round;
+INSERT OR IGNORE INTO rounds
+    SELECT DISTINCT round, '', '', CAST(strftime('%s', 'now') AS REAL), CAST(strftime('%s', 'now') AS REAL)
+    FROM outcomes;
 """
 
 OPEN_STATES = ("running", "cancelling")  # the provider may still deliver: re-attach
@@ -67,6 +94,13 @@ class Job:
     counts: dict[str, int] | None
 
 
+@dataclass
+class Submission:
+    tag: str  # the chunk's tag, also kept on the job at the provider where its API allows
+    custom_ids: list[str]
+    started_at: float
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,7 +108,10 @@ class Journal:
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers and several writing processes at once
         self.db.execute("PRAGMA synchronous=NORMAL")
+        fresh = not self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rounds'").fetchone()
         self.db.executescript(SCHEMA)
+        if fresh:
+            self.db.executescript(f"BEGIN IMMEDIATE; {BACKFILL_ROUNDS} COMMIT;")
         self.lock = threading.Lock()  # one connection may serve the sync call_llm thread too
 
     @contextmanager
@@ -92,11 +129,63 @@ class Journal:
         with self.lock:
             return self.db.execute(query, args).fetchall()
 
-    def add_job(self, job_id: str, round: str, provider: str, model: str, custom_ids: list[str]) -> None:
+    def add_job(
+        self,
+        job_id: str,
+        round: str,
+        provider: str,
+        model: str,
+        custom_ids: list[str],
+        tag: str | None = None,
+    ) -> None:
+        """Record a job the provider accepted; with `tag`, in the same transaction as its submission
+        row goes away (the job is known by its id from now on)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs VALUES (?, ?, ?, ?, ?, 'running', ?, NULL, NULL)",
                 (job_id, round, provider, model, json.dumps(custom_ids), time.time()),
+            )
+            if tag is not None:
+                db.execute("DELETE FROM submissions WHERE round = ? AND tag = ?", (round, tag))
+
+    def start_submission(
+        self, round: str, tag: str, provider: str, model: str, custom_ids: list[str]
+    ) -> float:
+        """Write down that these requests are about to be submitted as one job, before the create call:
+        a run that finds the row and no job id asks the provider for the job before submitting again.
+        Returns when it started (an earlier row of the same chunk keeps its older time)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO submissions VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (round, tag) DO NOTHING",
+                (round, tag, provider, model, json.dumps(custom_ids), now),
+            )
+            row = db.execute(
+                "SELECT started_at FROM submissions WHERE round = ? AND tag = ?", (round, tag)
+            ).fetchone()
+        return row[0]
+
+    def end_submission(self, round: str, tag: str) -> None:
+        """The chunk was not submitted after all (rejected, or split in two): forget its row."""
+        with self._tx() as db:
+            db.execute("DELETE FROM submissions WHERE round = ? AND tag = ?", (round, tag))
+
+    def submissions(self, round: str) -> list[Submission]:
+        """Chunks of this round whose create call was made but whose job id was never written down."""
+        rows = self._read(
+            "SELECT tag, custom_ids, started_at FROM submissions WHERE round = ? ORDER BY started_at",
+            (round,),
+        )
+        return [Submission(tag, json.loads(ids), started) for tag, ids, started in rows]
+
+    def touch(self, round: str, provider: str, model: str) -> None:
+        """Record that the round was used now (prune keeps rounds used recently)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO rounds VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (round) DO UPDATE SET last_used = excluded.last_used",
+                (round, provider, model, now, now),
             )
 
     def set_state(self, job_id: str, state: str, counts: dict[str, int] | None = None) -> None:
@@ -127,13 +216,17 @@ class Journal:
         query = (
             "SELECT EXISTS (SELECT 1 FROM jobs WHERE round = ?)"
             " OR EXISTS (SELECT 1 FROM outcomes WHERE round = ?)"
+            " OR EXISTS (SELECT 1 FROM submissions WHERE round = ?)"
         )
-        return bool(self._read(query, (round, round))[0][0])
+        return bool(self._read(query, (round, round, round))[0][0])
 
     def has_jobs(self, provider: str, model: str) -> bool:
-        """Whether any batch job to this provider's model is recorded."""
-        query = "SELECT EXISTS (SELECT 1 FROM jobs WHERE provider = ? AND model = ?)"
-        return bool(self._read(query, (provider, model))[0][0])
+        """Whether any batch job to this provider's model is recorded (or was being submitted)."""
+        query = (
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE provider = ? AND model = ?)"
+            " OR EXISTS (SELECT 1 FROM submissions WHERE provider = ? AND model = ?)"
+        )
+        return bool(self._read(query, (provider, model, provider, model))[0][0])
 
     def jobs(self, round: str | None = None) -> list[Job]:
         query, args = "SELECT * FROM jobs", ()
@@ -157,8 +250,61 @@ class Journal:
         rows = self._read("SELECT custom_id, outcome FROM outcomes WHERE round = ?", (round,))
         return {cid: decode(json.loads(text)) for cid, text in rows}
 
+    def prune(self, before: float, *, dry_run: bool = False) -> Pruned:
+        """Delete the rounds last used before `before` (epoch seconds), with their jobs and outcomes,
+        then give the space back to the file system. Never a round with a job the provider may still
+        run or deliver (running, cancelling, ended and not collected), a create call whose job id was
+        never written down, or a run holding its lease."""
+        states = ", ".join(f"'{state}'" for state in (*OPEN_STATES, "ended"))
+        old = """MAX(r.last_used, COALESCE(
+                (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
+            )) < :before"""
+        held = f"""(EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN ({states}))
+            OR EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
+            OR EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round))"""
+        eligible = f"SELECT r.round FROM rounds r WHERE {old} AND NOT {held}"
+        kept_query = f"SELECT COUNT(*) FROM rounds r WHERE {old} AND {held}"
+        args = {"before": before}
+        size_before = self.size()
+        with self._tx() as db:
+            # A lease left by a run that died holds nothing (as in acquire): it does not keep its round.
+            stale = [row for row in db.execute("SELECT round, holder, since FROM leases") if _stale(*row[1:])]
+            if not dry_run:
+                db.executemany("DELETE FROM leases WHERE round = ? AND holder = ?", [r[:2] for r in stale])
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_rounds (round TEXT PRIMARY KEY)")
+            db.execute("DELETE FROM prune_rounds")
+            db.execute(f"INSERT INTO prune_rounds {eligible}", args)
+            rounds = db.execute("SELECT COUNT(*) FROM prune_rounds").fetchone()[0]
+            where = "WHERE round IN (SELECT round FROM prune_rounds)"
+            jobs = db.execute(f"SELECT COUNT(*) FROM jobs {where}").fetchone()[0]
+            outcomes = db.execute(f"SELECT COUNT(*) FROM outcomes {where}").fetchone()[0]
+            kept = db.execute(kept_query, args).fetchone()[0]
+            if not dry_run:
+                for table in ("outcomes", "jobs", "leases", "rounds"):
+                    db.execute(f"DELETE FROM {table} {where}")
+            db.execute("DELETE FROM prune_rounds")
+        if not dry_run and rounds:
+            with self.lock:
+                self.db.execute("VACUUM")  # the freed pages go back to the file system
+                self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return Pruned(rounds, jobs, outcomes, kept, size_before, self.size())
+
+    def size(self) -> int:
+        """Bytes on disk: the database and its write-ahead log."""
+        return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+
     def close(self) -> None:
         self.db.close()
+
+
+@dataclass
+class Pruned:
+    rounds: int  # rounds deleted (or that would be, on a dry run)
+    jobs: int
+    outcomes: int
+    kept: int  # rounds old enough that were kept: a job may still run or deliver, or a run holds them
+    size_before: int  # bytes
+    size_after: int
 
 
 def lease_holder() -> str:
@@ -188,7 +334,7 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
     if isinstance(outcome, LLMResponse):
         return {
             "text": str(outcome),
-            "usage": [outcome.usage.input_tokens, outcome.usage.output_tokens],
+            "usage": _usage(outcome.usage),
             "model": outcome.model,
             "provider": outcome.provider,
             "via": outcome.via,
@@ -200,6 +346,14 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
         "status": getattr(outcome, "status", None),
         "retryable": getattr(outcome, "retryable", False),
     }
+
+
+def _usage(usage: Usage) -> list[int]:
+    """[input, output], and the cache counts when there are any (older entries have two numbers)."""
+    counts = [usage.input_tokens, usage.output_tokens]
+    if usage.cache_read_tokens or usage.cache_write_tokens:
+        counts += [usage.cache_read_tokens, usage.cache_write_tokens]
+    return counts
 
 
 def decode(data: dict[str, Any]) -> LLMResponse | errors.LLMError:

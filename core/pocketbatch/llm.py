@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Union
@@ -119,4 +120,15 @@ def _sync_loop() -> asyncio.AbstractEventLoop:
         if _loop is None:
             _loop = asyncio.new_event_loop()
             threading.Thread(target=_loop.run_forever, name="pocketbatch-sync", daemon=True).start()
+            atexit.register(_end_sync_loop, _loop)
     return _loop
+
+
+def _end_sync_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """At exit, end the sync loop as asyncio.run ends its own: its async generators are finalized, which
+    closes the SDK clients made in it (providers.close_with_loop)."""
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(loop.shutdown_asyncgens(), loop).result(timeout=10)
+        except Exception:  # a loop stuck in a call: leave it, the process is ending
+            pass

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+import threading
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,11 +18,22 @@ VIA = ("concurrent", "batch")
 
 @dataclass(frozen=True)
 class Usage:
+    """Tokens one reply used. `input_tokens` counts every input token, cached or not (as OpenAI's
+    prompt_tokens does); `cache_read_tokens` and `cache_write_tokens` say how many of them were read
+    from or written to the provider's prompt cache, which it bills at their own rates."""
+
     input_tokens: int = 0
     output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.input_tokens + other.input_tokens, self.output_tokens + other.output_tokens)
+        return Usage(
+            self.input_tokens + other.input_tokens,
+            self.output_tokens + other.output_tokens,
+            self.cache_read_tokens + other.cache_read_tokens,
+            self.cache_write_tokens + other.cache_write_tokens,
+        )
 
 
 @dataclass
@@ -156,6 +170,71 @@ class BatchAPI:
     async def cancel(self, job_id: str) -> None:
         raise NotImplementedError
 
+    # Added to the contract later; the defaults keep older plugins working (untagged, never found).
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        """`submit`, keeping `tag` (at most 64 of `[a-zA-Z0-9_-]`) on the job where the API allows it
+        (OpenAI: `metadata`), so that `find` can tell the job later. The default submits untagged."""
+        return await self.submit(items)
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The id of a job created for exactly these items at or after `since` (epoch seconds, this
+        machine's clock) whose id never reached the journal: the answer to the create call was lost, or
+        the process died before writing it down. None when there is none, or when the API cannot tell.
+        The engine asks before it submits the same items again. The default finds nothing."""
+        return None
+
+
+# -- closing SDK clients with their event loop ----------------------------------------------------------
+
+_closing: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[list[Any], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_closing_lock = threading.Lock()
+
+
+def close_with_loop(client: Any) -> None:
+    """Close `client` (anything with an async `close()` or `aclose()`: an SDK client) when the running
+    event loop ends, instead of dropping it with its connections open ("unclosed" warnings).
+
+    asyncio.run (and pytest-asyncio, and the sync call_llm loop at exit) finalizes the loop's async
+    generators before closing it; one such generator per loop, left waiting, closes the loop's clients
+    then, while the loop still runs."""
+    loop = asyncio.get_running_loop()
+    with _closing_lock:
+        entry = _closing.get(loop)
+        if entry is None:
+            # A loop closed without finalizing its async generators never ran its closer: forget it
+            # (the closer refers to its loop, so the entry would keep that loop alive).
+            for old in [old for old in _closing if old.is_closed()]:
+                del _closing[old]
+            clients: list[Any] = []
+            closer = _close_at_end(clients)
+            # The first step registers it with the running loop (its async generator hooks) and stops
+            # at the yield without awaiting anything, so it is taken here, synchronously.
+            step = closer.asend(None)
+            try:
+                step.send(None)
+            except StopIteration:
+                pass
+            entry = _closing[loop] = (clients, closer)
+        entry[0].append(client)
+
+
+async def _close_at_end(clients: list[Any]) -> AsyncIterator[None]:
+    try:
+        yield
+    finally:
+        for client in clients:
+            close = getattr(client, "close", None) or getattr(client, "aclose", None)
+            try:
+                await close()
+            except Exception:  # closing is best effort: the loop is ending either way
+                pass
+        clients.clear()
+        with _closing_lock:  # the generator refers to its loop: let the loop go
+            _closing.pop(asyncio.get_running_loop(), None)
+
 
 _SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|latest)")
 
@@ -165,11 +244,27 @@ def same_model(name: str, base: str) -> bool:
     return name == base or (name.startswith(base) and _SNAPSHOT.fullmatch(name[len(base) :]) is not None)
 
 
-def usd(usage: Usage, price: tuple[float, float] | None, factor: float = 1.0) -> float | None:
-    """What usage costs at a price in USD per million (input, output) tokens; None without a price."""
+def usd(
+    usage: Usage,
+    price: tuple[float, float] | None,
+    factor: float = 1.0,
+    cache: tuple[float, float] | None = None,
+) -> float | None:
+    """What usage costs at a price in USD per million (input, output) tokens, and `cache` per million
+    (cache read, cache write) tokens; None without a price. Without a cache price, cached tokens cost
+    what other input tokens do (what the bill said before providers priced caching)."""
     if price is None:
         return None
-    return (usage.input_tokens * price[0] + usage.output_tokens * price[1]) * factor / 1_000_000
+    total = usage.input_tokens * price[0] + usage.output_tokens * price[1]
+    if cache is not None and (usage.cache_read_tokens or usage.cache_write_tokens):
+        total += usage.cache_read_tokens * (cache[0] - price[0])
+        total += usage.cache_write_tokens * (cache[1] - price[0])
+    return total * factor / 1_000_000
+
+
+def _match(table: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
+    matches = [k for k in table if same_model(model, k)]
+    return table[max(matches, key=len)] if matches else None
 
 
 class Provider:
@@ -183,6 +278,11 @@ class Provider:
     tpm: ClassVar[float] = 0
     max_concurrency: ClassVar[int] = 0
     prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    # Added later (the defaults keep older plugins working): USD per million (cache read, cache write)
+    # tokens by model, matched as `prices` is; and the day the price tables were checked ("2026-11-25"),
+    # shown by `pocketbatch providers`.
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    prices_date: ClassVar[str | None] = None
     batch: BatchAPI | None = None
     # True: the provider sends LLMRequest.schema as its own structured-output parameter. False (any
     # plugin written before schemas): the core puts the schema in the prompt, and validates either way.
@@ -216,12 +316,15 @@ class Provider:
 
     def price(self, model: str) -> tuple[float, float] | None:
         """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
-        matches = [k for k in self.prices if same_model(model, k)]
-        return self.prices[max(matches, key=len)] if matches else None
+        return _match(self.prices, model)
+
+    def cache_price(self, model: str) -> tuple[float, float] | None:
+        """USD per million (cache read, cache write) tokens, matched as `price` is; None if unknown."""
+        return _match(self.cache_prices, model)
 
     def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:
         """USD for usage at this provider's prices, times factor (the batch discount); None if unpriced."""
-        return usd(usage, self.price(model), factor)
+        return usd(usage, self.price(model), factor, self.cache_price(model))
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}>"

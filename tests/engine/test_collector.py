@@ -233,3 +233,52 @@ async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, 
         await task
     await asyncio.sleep(0.01)
     assert len(cancelled) == 5  # no call left running after its node was cancelled
+
+
+class AwaitEachOther(Ask):
+    """Item 0 waits for an event that item 1 sets once its own call is answered."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.ready = asyncio.Event()
+
+    async def exec_async(self, i):
+        if i == 0:
+            await self.ready.wait()
+            return await call_llm_async("say after")
+        reply = await call_llm_async("say first")
+        self.ready.set()
+        return reply
+
+
+async def test_items_awaiting_each_other_make_progress_after_the_round_timeout(pocketbatch_env, caplog):
+    pocketbatch_env(POCKETBATCH_ROUND_TIMEOUT="0.05", POCKETBATCH_PROVIDER="offline")
+    with caplog.at_level("INFO", logger="pocketbatch"):
+        out = await asyncio.wait_for(run(AwaitEachOther(), [0, 1]), timeout=60)  # a guard, not a timing
+    assert "say after" in out[0] and "say first" in out[1]
+    [decision] = [r.getMessage() for r in caplog.records if "POCKETBATCH_ROUND_TIMEOUT" in r.getMessage()]
+    assert decision.startswith("1 request to offline/") and "1 of its 2 live items" in decision
+
+
+async def test_a_round_timeout_of_zero_waits_for_every_item(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_ROUND_TIMEOUT="0", POCKETBATCH_PROVIDER="offline")
+    task = asyncio.ensure_future(run(AwaitEachOther(), [0, 1]))
+    for _ in range(200):  # many turns of the loop and a little time: the round still holds the call
+        await asyncio.sleep(0.001)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_round_that_keeps_making_progress_does_not_time_out(pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_ROUND_TIMEOUT="30", POCKETBATCH_BATCH_MIN_ITEMS="10",
+                    POCKETBATCH_PROVIDER="offline", POCKETBATCH_POLL_INTERVAL="0.01")  # fmt: skip
+
+    class Staggered(Ask):
+        async def exec_async(self, i):
+            await asyncio.sleep(0.001 * i)
+            return await call_llm_async(f"say {i}")
+
+    out = await run(Staggered(), list(range(12)))
+    assert {r.via for r in out} == {"batch"} and [len(j["lines"]) for j in jobs()] == [12]

@@ -208,6 +208,20 @@ class OfflineBatch(BatchAPI):
         return json.loads(self._path(job_id).read_text())
 
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
+        return self._create(items, None)
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        return self._create(items, tag)
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The job with this tag created since then (the offline API keeps tags, as OpenAI's metadata)."""
+        for path in sorted(self.folder().glob("offline-batch-*.json")):
+            job = json.loads(path.read_text())
+            if job.get("tag") == tag and job["created"] >= since - 1:
+                return job["id"]
+        return None
+
+    def _create(self, items: list[tuple[str, LLMRequest]], tag: str | None) -> str:
         # vars(), not asdict(): the fields as they are (plain JSON values), without asdict's deep copy
         lines = [json.dumps({"custom_id": cid, "request": vars(req)}) for cid, req in items]
         if len({cid for cid, _ in items}) != len(items):
@@ -226,6 +240,7 @@ class OfflineBatch(BatchAPI):
             "seconds": _env_number("POCKETBATCH_OFFLINE_BATCH_SECONDS", 2.0),
             "fail_rate": _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0),
             "cancelled": None,
+            "tag": tag,
             "lines": lines,
         }
         tmp = self.folder() / f"{job_id}.tmp"

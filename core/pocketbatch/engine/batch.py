@@ -26,7 +26,7 @@ from typing import Any
 
 from .. import journal as journals
 from ..config import settings
-from ..errors import BatchError, LLMError
+from ..errors import BatchError, LLMError, TransientError
 from ..providers import LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
@@ -81,6 +81,13 @@ def _ids(canonical: list[str]) -> list[str]:
 
 def round_key(provider: Provider, model: str, ids: list[str]) -> str:
     return hashlib.sha256(json.dumps([provider.name, model, sorted(ids)]).encode()).hexdigest()[:32]
+
+
+def chunk_tag(round: str, ids: list[str]) -> str:
+    """A chunk's tag: its round and its requests, 49 characters of [a-z0-9-] (kept on the job at the
+    provider where the API allows, so the job can be found again without its id)."""
+    digest = hashlib.sha256(json.dumps(sorted(ids)).encode()).hexdigest()[:16]
+    return f"{round[:32]}-{digest}"
 
 
 def _canonical(request: LLMRequest) -> str:
@@ -159,7 +166,8 @@ class BatchRound:
         self.provider, self.api, self.model = provider, provider.batch, model
         self.calls, self.key = calls, key  # by custom_id
         self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
-        self._prices: dict[str, tuple[float, float] | None] = {}  # model -> provider.price(model)
+        # model -> (provider.price(model), provider.cache_price(model))
+        self._prices: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
         self.journal = journals.journal()
         self.settings = settings()
 
@@ -178,15 +186,25 @@ class BatchRound:
 
     async def run(self, decision: Decision) -> None:
         async with self._lease():
+            if self.journal is not None:
+                self.journal.touch(self.key, self.provider.name, self.model)
             reused, attached = self._from_journal()
             self._announce(decision, reused, attached)
             for cid, outcome in reused.items():
                 self._settle(cid, outcome, record=False)
             taken = set(reused).union(*(job.custom_ids for job in attached))
+            # Chunks an earlier run was submitting when it died (or lost the create call's answer): the
+            # same chunks again, so that the provider is asked for their jobs before anything is sent.
+            earlier = []
+            for sub in self._submissions():
+                if taken.isdisjoint(sub.custom_ids) and all(cid in self.calls for cid in sub.custom_ids):
+                    earlier.append(([(cid, self.calls[cid].request) for cid in sub.custom_ids], sub))
+                    taken.update(sub.custom_ids)
+                else:  # answered meanwhile, or not this round's requests any more
+                    self.journal.end_submission(self.key, sub.tag)
             fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
-            submitted = await asyncio.gather(
-                *(self._submit(c) for c in chunks(self.provider, fresh, self.sizes))
-            )
+            planned = earlier + [(c, None) for c in chunks(self.provider, fresh, self.sizes)]
+            submitted = await asyncio.gather(*(self._submit(c, sub) for c, sub in planned))
         # Every job of the round is in the journal now: another run of it may go and re-attach.
         jobs = [(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
         jobs += [job for done, _ in submitted for job in done]
@@ -238,19 +256,57 @@ class BatchRound:
         ]
         return reused, attached
 
+    def _submissions(self) -> list[journals.Submission]:
+        if self.journal is None or not self.settings.reuse:
+            return []
+        return self.journal.submissions(self.key)
+
     async def _submit(
-        self, chunk: list[tuple[str, LLMRequest]]
+        self, chunk: list[tuple[str, LLMRequest]], earlier: journals.Submission | None = None
     ) -> tuple[list[tuple[str, list[str], float]], list[str]]:
         """Submit a chunk as one job (two halves when the provider says it is too large): the jobs
-        submitted, as (job_id, custom_ids, submitted_at), and the ids of requests to run concurrently."""
+        submitted, as (job_id, custom_ids, submitted_at), and the ids of requests to run concurrently.
+
+        No double submission: the chunk's "submitting" row is written before the create call and
+        replaced by the job in one transaction after it. Before the create call is made again (a retry
+        after a lost answer, or a re-run that finds the row of one that died), the provider is asked
+        for a job with the chunk's tag or requests (`BatchAPI.find`)."""
         assert self.api is not None
+        api = self.api
+        ids = [cid for cid, _ in chunk]
+        tag = chunk_tag(self.key, ids)
+        since = earlier.started_at if earlier is not None else time.time()
+        if self.journal is not None:
+            since = self.journal.start_submission(self.key, tag, self.provider.name, self.model, ids)
+        asked = earlier is not None  # a create call for this chunk may have reached the provider
 
         async def submit() -> str:
-            return await self.api.submit(chunk)
+            nonlocal asked
+            if asked:
+                found = await api.find(tag, chunk, since)
+                if found is not None:
+                    log.info(
+                        "found batch job %s at %s, submitted earlier for these %s requests but never "
+                        "recorded: following it instead of submitting again",
+                        found,
+                        self.provider.name,
+                        f"{len(ids):,}",
+                    )
+                    return found
+            asked = True
+            try:
+                return await api.submit_tagged(chunk, tag)
+            except BatchError as e:
+                if e.status is None and e.retryable:  # no answer at all: the job may exist all the same
+                    raise TransientError(f"{e} (no answer: looking for the job before trying again)") from e
+                raise
 
         try:
             job_id = await with_retries(submit)
         except BatchError as e:
+            # Refused with an answer (a status), or before anything was sent: no job was created.
+            if self.journal is not None:
+                self.journal.end_submission(self.key, tag)
             if e.status == 413 and len(chunk) > 1:  # over the provider's exact limit: halve and try again
                 half = len(chunk) // 2
                 (a, ra), (b, rb) = await asyncio.gather(
@@ -260,18 +316,33 @@ class BatchRound:
             log.warning(
                 "batch job of %d requests was rejected (%s); running them concurrently", len(chunk), e
             )
-            return [], [cid for cid, _ in chunk]
+            return [], ids
         except LLMError as e:
+            # The last create call's answer may be what was lost: one more look before paying again.
+            found = await self._find_quietly(tag, chunk, since) if asked else None
+            if found is not None:
+                if self.journal is not None:
+                    self.journal.add_job(found, self.key, self.provider.name, self.model, ids, tag=tag)
+                return [(found, ids, time.time())], []
+            # Otherwise the row stays, so that the next run asks the provider for a job it may have
+            # created after all (and re-attaches to it) before it submits these requests again.
             log.warning(
                 "could not submit a batch job of %d requests (%s); running them concurrently", len(chunk), e
             )
-            return [], [cid for cid, _ in chunk]
-        ids = [cid for cid, _ in chunk]
+            return [], ids
         if self.journal is not None:  # before any waiting: a crash from here on re-attaches, never re-submits
-            self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids)
+            self.journal.add_job(job_id, self.key, self.provider.name, self.model, ids, tag=tag)
         count = f"{len(ids):,} request{'s' if len(ids) != 1 else ''}"
         log.info("submitted batch job %s with %s to %s/%s", job_id, count, self.provider.name, self.model)
         return [(job_id, ids, time.time())], []
+
+    async def _find_quietly(self, tag: str, chunk: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        assert self.api is not None
+        try:
+            return await self.api.find(tag, chunk, since)
+        except LLMError as e:
+            log.info("could not look for an unrecorded batch job at %s: %s", self.provider.name, e)
+            return None
 
     async def _follow(self, job_id: str, ids: list[str], submitted_at: float) -> None:
         assert self.api is not None
@@ -378,8 +449,9 @@ class BatchRound:
         # Provider.cost, with the price looked up once per model: matching a model against every price
         # key for each of a round's lines cost more than parsing the line did.
         if model not in self._prices:
-            self._prices[model] = self.provider.price(model)
-        return usd(usage, self._prices[model], self.api.price_factor_for(self.model))
+            self._prices[model] = (self.provider.price(model), self.provider.cache_price(model))
+        price, cache = self._prices[model]
+        return usd(usage, price, self.api.price_factor_for(self.model), cache)
 
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:

@@ -5,6 +5,10 @@ waiting on an answer or finished (the DataLoader rule); then the round's calls g
 strategy can see the whole round and send it to the batch API when that pays. A round nested in another
 (a parallel node inside a branch of a parallel flow) hands its calls up to the enclosing round as the calls
 of the item it runs in, so one round spans every branch.
+
+Items that wait on each other (item 0 awaits an event that item 1 sets after its own call) would make a
+round wait forever; a round that holds calls and has seen no progress (no call taken, no item finished,
+no answer) for POCKETBATCH_ROUND_TIMEOUT seconds flushes what it holds, and the decision line says so.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..config import settings
@@ -38,6 +42,7 @@ class Call:
     mode: str | None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     owners: list[tuple[Round, int]] = field(default_factory=list)
+    note: str | None = None  # why it left its round early (the round timed out); on the decision line
 
     def settle(self, outcome: LLMResponse | BaseException) -> None:
         # Counts drop before any waiting item resumes, so the items of a finished batch job all count as
@@ -66,6 +71,10 @@ class Round:
         self.outstanding: dict[int, int] = {}  # item key -> its calls not answered yet
         self.pending: list[Call] = []
         self.dispatch = dispatch
+        self.timeout = settings().round_timeout  # 0: wait for every live item, however long
+        self._loop = asyncio.get_running_loop()
+        self._progress = 0.0  # loop time of the last call taken, item finished or answer
+        self._timer: asyncio.TimerHandle | None = None
 
     def admit(self) -> None:
         self.live += 1
@@ -77,6 +86,7 @@ class Round:
         finally:
             self.live -= 1
             self.outstanding.pop(key, None)
+            self._progressed()
             self._flush_if_ready()
 
     async def call(
@@ -100,6 +110,7 @@ class Round:
             if call.mode is None:
                 call.mode = self.mode
         self.pending.extend(calls)
+        self._progressed()
         self._flush_if_ready()
 
     def answered(self, key: int) -> None:
@@ -108,10 +119,43 @@ class Round:
             self.outstanding[key] = left
         else:
             self.outstanding.pop(key, None)
+        self._progressed()
+
+    def _progressed(self) -> None:
+        if self.timeout:
+            self._progress = self._loop.time()
 
     def _flush_if_ready(self) -> None:
-        if not self.pending or len(self.outstanding) < self.live:
+        if not self.pending:
             return
+        if len(self.outstanding) < self.live:
+            if self.timeout and self._timer is None:
+                self._timer = self._loop.call_later(self.timeout, self._timed_out)
+            return
+        self._flush()
+
+    def _timed_out(self) -> None:
+        """One timer per round, re-armed for what is left while the round keeps making progress."""
+        self._timer = None
+        if not self.pending or len(self.outstanding) >= self.live:
+            return
+        left = self._progress + self.timeout - self._loop.time()
+        if left > 0:
+            self._timer = self._loop.call_later(left, self._timed_out)
+            return
+        missing = self.live - len(self.outstanding)
+        note = (
+            f"round flushed after POCKETBATCH_ROUND_TIMEOUT={self.timeout:g}s without progress: "
+            f"{missing:,} of its {self.live:,} live items had not reached it (items waiting on each other?)"
+        )
+        for call in self.pending:
+            call.note = call.note or note
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         calls, self.pending = self.pending, []
         if self.parent is not None:
             parent, key = self.parent
@@ -155,6 +199,9 @@ async def _decide_and_run(group: list[Call]) -> None:
         mode=group[0].mode,
         output_tokens=limiter.typical_output_tokens,
     )
+    notes = dict.fromkeys(c.note for c in group if c.note)
+    if notes:
+        decision = replace(decision, reason="; ".join([decision.reason, *notes]))
     if provider.batch and (
         decision.mode == "batch" or batch.may_know_rounds(provider.name, requests[0].model)
     ):

@@ -19,6 +19,7 @@ import httpx2
 from anthropic import AsyncAnthropic
 
 from pocketbatch import LLMRequest, LLMResponse, Provider, hookimpl
+from pocketbatch.providers import close_with_loop
 
 from .api import (
     DEFAULT_MAX_TOKENS,
@@ -109,6 +110,13 @@ class AnthropicProvider(Provider):
         "claude-fable-5": (10.0, 50.0),
         "claude-mythos-5": (10.0, 50.0),
     }
+    # Prompt caching, per million tokens: a cache read costs 0.1 times the model's input price, a cache
+    # write 1.25 times (the 5-minute cache; the 1-hour cache's writes cost 2 times, and are priced here at
+    # the 5-minute rate). The batch discount applies on top, as Anthropic's multipliers stack.
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {
+        model: (round(inp * 0.1, 6), round(inp * 1.25, 6)) for model, (inp, _) in prices.items()
+    }
+    prices_date: ClassVar[str | None] = "2026-11-25"
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
         self.client_options = dict(client_options or {})
@@ -147,6 +155,7 @@ class AnthropicProvider(Provider):
                     "max_retries": 0,
                 }
                 client = per_loop[(key, base_url)] = AsyncAnthropic(**options)
+                close_with_loop(client)  # closed when its loop ends, not dropped with open connections
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:

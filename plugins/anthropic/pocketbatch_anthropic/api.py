@@ -161,19 +161,24 @@ def dumps(value: Any) -> bytes:
 
 
 def to_response(message: Any, *, via: str, rate_limits: RateLimits | None = None) -> LLMResponse:
-    """An LLMResponse from an SDK Message: the text blocks joined, cache tokens billed as input."""
+    """An LLMResponse from an SDK Message: the text blocks joined. Anthropic's input_tokens leaves out
+    the tokens read from and written to the prompt cache; pocketbatch's Usage counts all input tokens
+    in input_tokens, and says how many were cache reads and writes (priced at their own rates)."""
     text = "".join(block.text for block in (message.content or []) if getattr(block, "type", None) == "text")
     usage = message.usage
-    input_tokens = (
-        (usage.input_tokens or 0)
-        + (getattr(usage, "cache_creation_input_tokens", None) or 0)
-        + (getattr(usage, "cache_read_input_tokens", None) or 0)
-    )
+    cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
+    cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
+    input_tokens = (usage.input_tokens or 0) + cache_write + cache_read
     stop = getattr(message, "stop_reason", None)
     return LLMResponse(
         text,
         finish_reason=FINISH_REASONS.get(stop, stop),
-        usage=Usage(input_tokens=input_tokens, output_tokens=usage.output_tokens or 0),
+        usage=Usage(
+            input_tokens=input_tokens,
+            output_tokens=usage.output_tokens or 0,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+        ),
         model=message.model,
         provider=PROVIDER,
         via=via,

@@ -22,6 +22,9 @@ logger = logging.getLogger("pocketbatch.anthropic")
 CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 STATES = {"in_progress": "running", "canceling": "cancelling", "ended": "ended"}
 COUNTS = ("processing", "succeeded", "errored", "canceled", "expired")
+# `find` looks at batches created this many seconds before the engine's clock said it started submitting
+# (the API's clock and this machine's may differ a little; a wider margin risks a same-sized stranger).
+CLOCK_MARGIN = 120.0
 
 # The body is {"requests":[r1,r2,...]}: its size is the requests' sizes plus this frame and the commas.
 _FRAME = len(b'{"requests":[') + len(b"]}")
@@ -92,6 +95,29 @@ class AnthropicBatch(BatchAPI):
         except _sdk_errors() as e:
             raise _batch_error("anthropic refused the Message Batch", e) from e
         return batch.id
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """A Message Batch has no metadata to carry a tag, so a job is told by its requests: created no
+        earlier than `since` less CLOCK_MARGIN, with as many requests as `items`; of an ended batch the
+        custom_ids of its results must be exactly those of `items`. Of several running candidates, the
+        oldest (the one closest to the lost create call) is taken."""
+        client = self.provider.client()
+        ids = {cid for cid, _ in items}
+        running: list[str] = []
+        try:
+            async for batch in client.messages.batches.list(limit=100):  # newest first
+                if batch.created_at.timestamp() < since - CLOCK_MARGIN:
+                    break
+                counts = batch.request_counts
+                if sum(getattr(counts, name) for name in COUNTS) != len(ids):
+                    continue
+                if batch.processing_status != "ended":
+                    running.append(batch.id)
+                elif {cid async for cid, _ in self.results(batch.id)} == ids:
+                    return batch.id
+        except _sdk_errors() as e:
+            raise _llm_error(e) from e
+        return running[-1] if running else None
 
     async def status(self, job_id: str) -> BatchStatus:
         client = self.provider.client()

@@ -69,7 +69,8 @@ class RecordedRequest:
 
 @dataclass
 class Fault:
-    status: int | str  # an HTTP status, or "timeout" / "connection" for a request that gets no reply
+    status: int | str  # an HTTP status, "timeout" / "connection" for a request that gets no reply, or
+    # "lost" for one carried out whose answer never arrives
     error_type: str
     message: str
     headers: dict[str, str]
@@ -224,15 +225,16 @@ class AnthropicEmulator:
         """Answer the next n requests to `route` with an error instead.
 
         `status` is an HTTP status (the body's error type follows it: 429 rate_limit_error, 529
-        overloaded_error, 500 api_error, ...; override with `error_type`), or "timeout" / "connection"
-        for a request that never gets a reply. 429 replies carry `retry-after: 1` unless `retry_after`
+        overloaded_error, 500 api_error, ...; override with `error_type`), "timeout" / "connection"
+        for a request that never gets a reply, or "lost" for one that is carried out (a batch is
+        created) but whose answer never arrives. 429 replies carry `retry-after: 1` unless `retry_after`
         says otherwise and 529 replies `x-should-retry: true`, as the API's do; `headers` adds or
         replaces headers (e.g. {"x-should-retry": "false"}). Error replies carry the rate-limit headers.
         """
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES}, not {route!r}")
-        if isinstance(status, str) and status not in ("timeout", "connection"):
-            raise ValueError(f'status must be an int, "timeout" or "connection", not {status!r}')
+        if isinstance(status, str) and status not in ("timeout", "connection", "lost"):
+            raise ValueError(f'status must be an int, "timeout", "connection" or "lost", not {status!r}')
         extra: dict[str, str] = {}
         if status == 429:
             extra["retry-after"] = "1"
@@ -301,6 +303,12 @@ class AnthropicEmulator:
                 )
             )
             self.calls[route] += 1
+            if self._faults[route] and self._faults[route][0].status == "lost":
+                import httpcore2
+
+                self._faults[route].popleft()
+                handler(body, **kwargs)
+                raise httpcore2.ReadError("emulated connection lost before the answer arrived")
             if self._faults[route]:
                 return self._fault(self._faults[route].popleft())
             return handler(body, **kwargs)

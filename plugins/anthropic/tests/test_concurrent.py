@@ -82,11 +82,13 @@ async def test_text_is_every_text_block_joined(provider, anthropic_emulator):
     assert reply == "one two"
 
 
-async def test_cache_tokens_count_as_input(provider, anthropic_emulator):
+async def test_cache_tokens_count_as_input_and_are_told_apart(provider, anthropic_emulator):
     anthropic_emulator.usage_extra = {"cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
     reply = await provider.call_llm_async(ask("a b c"))
     assert reply.raw.usage.input_tokens == 3
-    assert reply.usage == Usage(input_tokens=1103, output_tokens=5)
+    assert reply.usage == Usage(
+        input_tokens=1103, output_tokens=5, cache_read_tokens=1000, cache_write_tokens=100
+    )
 
 
 # --- max_tokens ---------------------------------------------------------------------------------------
@@ -322,3 +324,17 @@ async def test_requests_follow_anthropic_base_url(monkeypatch):
     with emulate_anthropic() as emulator:
         assert await provider.call_llm_async(ask()) == "reply to: Say hi"
     assert emulator.requests[0].url == "https://gateway.example/anthropic/v1/messages"
+
+
+def test_clients_are_closed_when_their_event_loop_ends(anthropic_emulator):
+    provider = AnthropicProvider(client_options={"_strict_response_validation": True})
+    seen = []
+
+    async def call():
+        await provider.call_llm_async(LLMRequest.from_prompt("hi", "claude-haiku-4-5"))
+        seen.append(provider.client())
+        assert not seen[-1].is_closed()
+
+    asyncio.run(call())
+    asyncio.run(call())
+    assert seen[0] is not seen[1] and [c.is_closed() for c in seen] == [True, True]

@@ -2,6 +2,7 @@
 (strict SDK clients) and the emulator on the other side of the HTTP calls."""
 
 import logging
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from pocketbatch import (
     get_provider,
 )
 from pocketbatch.engine.limits import reset_limiters
+from pocketbatch.providers import LLMRequest
 from pocketbatch.testing import ask_each
 from pocketbatch_anthropic import AnthropicProvider
 
@@ -183,3 +185,38 @@ async def test_a_batch_the_api_finds_too_large_is_halved_until_it_fits(engine, a
     assert anthropic_emulator.calls["batches.create"] == 1 + 2 + 4  # 8 refused, 4 and 4 refused, 4 x 2
     assert [len(b.requests) for b in anthropic_emulator.batches.values()] == [2, 2, 2, 2]
     assert anthropic_emulator.calls["messages"] == 0
+
+
+async def test_a_lost_answer_to_the_create_call_is_found_by_time_and_count_one_job_in_all(anthropic_emulator):
+    anthropic_emulator.fail_next(route="batches.create", status="lost")
+    prompts = [f"Summarise: text {i}" for i in range(3)]
+    replies = await ask_each(prompts, model=MODEL, mode="batch")
+    assert replies == [f"reply to: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
+    assert anthropic_emulator.batches_created == 1 and anthropic_emulator.calls["batches.create"] == 1
+    assert anthropic_emulator.calls["batches.list"] == 1
+
+
+async def test_find_tells_an_ended_batch_by_the_custom_ids_of_its_results(anthropic_emulator):
+    provider = get_provider("anthropic")
+    since = time.time()
+    items = [(f"id-{i}", LLMRequest.from_prompt(f"p {i}", "claude-haiku-4-5")) for i in range(2)]
+    other = [(f"other-{i}", request) for i, (_, request) in enumerate(items)]
+    wanted = await provider.batch.submit(items)
+    await provider.batch.submit(other)  # the same size, newer: not these requests
+    for job in (wanted, *anthropic_emulator.batches):
+        while (await provider.batch.status(job)).state != "ended":
+            pass
+    assert await provider.batch.find("tag", items, since) == wanted
+    assert await provider.batch.find("tag", items[:1], since) is None  # no batch of one request
+    assert await provider.batch.find("tag", items, since + 3600) is None  # all created before `since`
+
+
+async def test_cache_reads_and_writes_are_priced_at_their_own_rates(anthropic_emulator):
+    anthropic_emulator.usage_extra = {"cache_creation_input_tokens": 100, "cache_read_input_tokens": 1000}
+    reply = await call_llm_async("Summarise: the cat sat", model=MODEL)
+    assert reply.usage == Usage(1104, 6, cache_read_tokens=1000, cache_write_tokens=100)
+    # 4 uncached input tokens at $1, 1,000 cache reads at $0.10, 100 cache writes at $1.25, 6 output at $5
+    expected = (4 * 1.0 + 1000 * 0.10 + 100 * 1.25 + 6 * 5.0) / 1_000_000
+    assert reply.cost_usd == pytest.approx(expected)
+    [batched] = await ask_each(["Summarise: the cat sat"], model=MODEL, mode="batch")
+    assert batched.via == "batch" and batched.cost_usd == pytest.approx(expected * 0.5)  # the discounts stack

@@ -18,6 +18,7 @@ from google import genai
 from google.genai import types
 
 from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, hookimpl
+from pocketbatch.providers import close_with_loop
 
 from .api import (
     BASE_URL_ENV_VAR,
@@ -129,6 +130,7 @@ class GeminiProvider(Provider):
     tpm = 2_000_000
     max_concurrency = 0
     prices = PRICES
+    prices_date = "2026-10-07"  # the day the pricing page was read (see prices_on)
     supports_schema = True  # response_json_schema with response_mime_type application/json, both paths
 
     def __init__(self, *, client_options: Mapping[str, Any] | None = None) -> None:
@@ -176,15 +178,15 @@ class GeminiProvider(Provider):
         per_loop = self._clients.setdefault(asyncio.get_running_loop(), {})
         client = per_loop.get((key, base_url))
         if client is None:
+            http = httpx2.AsyncClient(timeout=httpx2.Timeout(600.0, connect=10.0), verify=_TLS)
             options = types.HttpOptions(
                 **self.client_options,
                 retry_options=types.HttpRetryOptions(attempts=1),
-                httpx_async_client=httpx2.AsyncClient(
-                    timeout=httpx2.Timeout(600.0, connect=10.0), verify=_TLS
-                ),
+                httpx_async_client=http,
             )
             client = genai.Client(api_key=key, vertexai=False, http_options=options)
             per_loop[(key, base_url)] = client
+            close_with_loop(http)  # its connections are closed when the loop ends, not dropped
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:

@@ -23,6 +23,7 @@ from openai.resources.chat.completions import AsyncCompletions
 
 from pocketbatch import ConfigError, LLMRequest, LLMResponse, Provider, RateLimits, Usage, hookimpl
 from pocketbatch.errors import LLMError, RateLimitError, error_for_status
+from pocketbatch.providers import close_with_loop
 from pocketbatch.schema import refuse
 
 from .batch import OpenAIBatch
@@ -60,9 +61,23 @@ MODELS: tuple[str, ...] = (
     "gpt-3.5-turbo",
 )
 
+
 # USD per million (input, output) tokens at standard (non-batch) rates, from openai.com/api/pricing as of
 # 2025-08. Dated snapshots match their model's key; a snapshot priced differently gets its own key
 # (the longest matching key wins). Check the page before trusting a bill to these numbers.
+def usage_of(usage: dict[str, Any] | None) -> Usage:
+    """Usage from a chat completion's `usage`: prompt_tokens counts the cached ones too, which
+    prompt_tokens_details.cached_tokens gives (billed at CACHE_PRICES)."""
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    return Usage(
+        usage.get("prompt_tokens") or 0,
+        usage.get("completion_tokens") or 0,
+        cache_read_tokens=details.get("cached_tokens") or 0,
+    )
+
+
+PRICES_DATE = "2025-08"  # the month openai.com/api/pricing was read for PRICES
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
     "gpt-4o-2024-05-13": (5.00, 15.00),
@@ -79,6 +94,22 @@ PRICES: dict[str, tuple[float, float]] = {
     "o4-mini": (1.10, 4.40),
     "gpt-4-turbo": (10.00, 30.00),
     "gpt-3.5-turbo": (0.50, 1.50),
+}
+# USD per million (cached input read, cache write) tokens, same page and month: OpenAI bills no cache
+# writes (they cost the input price). Models without a key here bill cached tokens at the input price.
+CACHE_PRICES: dict[str, tuple[float, float]] = {
+    "gpt-4o": (1.25, 2.50),
+    "gpt-4o-mini": (0.075, 0.15),
+    "gpt-4.1": (0.50, 2.00),
+    "gpt-4.1-mini": (0.10, 0.40),
+    "gpt-4.1-nano": (0.025, 0.10),
+    "gpt-5": (0.125, 1.25),
+    "gpt-5-mini": (0.025, 0.25),
+    "gpt-5-nano": (0.005, 0.05),
+    "o1": (7.50, 15.00),
+    "o3": (0.50, 2.00),
+    "o3-mini": (0.55, 1.10),
+    "o4-mini": (0.275, 1.10),
 }
 
 # One TLS context for every client: making one reads the CA bundle (~25 ms), which on a flow's first call
@@ -149,6 +180,8 @@ class OpenAIProvider(Provider):
     tpm = 200_000
     max_concurrency = 0
     prices = PRICES
+    cache_prices = CACHE_PRICES
+    prices_date = PRICES_DATE
     supports_schema = True  # response_format json_schema, strict, on both paths
     batch_class: type[OpenAIBatch] = OpenAIBatch  # a host with a batch API of its own shape overrides it
 
@@ -207,6 +240,7 @@ class OpenAIProvider(Provider):
             options = {"http_client": openai.DefaultAsyncHttpxClient(verify=_TLS), **self.client_options}
             client = openai.AsyncOpenAI(api_key=key, base_url=base_url, **options, max_retries=0)
             per_loop[(key, base_url)] = client
+            close_with_loop(client)  # closed when its loop ends, not dropped with open connections
         return client
 
     async def call_llm_async(self, request: LLMRequest) -> LLMResponse:
@@ -226,10 +260,7 @@ class OpenAIProvider(Provider):
         return LLMResponse(
             _text(message),
             finish_reason=finish_reason(choice.finish_reason if choice else None, message),
-            usage=Usage(
-                completion.usage.prompt_tokens if completion.usage else 0,
-                completion.usage.completion_tokens if completion.usage else 0,
-            ),
+            usage=usage_of(completion.usage.model_dump() if completion.usage else None),
             model=completion.model,
             provider=self.name,
             via="concurrent",

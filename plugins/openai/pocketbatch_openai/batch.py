@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import httpx2
 import openai
 
-from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
+from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse
 from pocketbatch.errors import LLMError, TransientError, error_for_status
 
 if TYPE_CHECKING:
@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pocketbatch.openai")
 
 ENDPOINT = "/v1/chat/completions"
+METADATA_KEY = "pocketbatch"  # the batch metadata key holding the engine's tag (its round and chunk)
+CLOCK_MARGIN = 600.0  # seconds: batches created this long before the run's own clock said are looked at
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _STATES = {
     "validating": "running",
@@ -73,6 +75,9 @@ class OpenAIBatch(BatchAPI):
     price_factor = 0.5
     completion_window = "24h"
     label = "OpenAI"  # how messages name the server
+    # Whether jobs carry the engine's tag in their `metadata` (and `find` looks for it): OpenAI keeps
+    # a batch's metadata; hosts that may not (or whose jobs have another shape) leave it off.
+    tags_jobs = True
 
     def __init__(self, provider: OpenAIProvider) -> None:
         self.provider = provider
@@ -126,6 +131,32 @@ class OpenAIBatch(BatchAPI):
 
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         """Upload the requests as one JSONL file and start a job on it; return the batch id."""
+        return await self._submit(items, None)
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`, where the
+        server keeps metadata (`tags_jobs`)."""
+        if not self.tags_jobs:
+            return await self.submit(items)
+        return await self._submit(items, {METADATA_KEY: tag})
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The newest batch whose metadata carries the tag, among those created since `since` (less a
+        margin for the two clocks), walking `GET /v1/batches` newest first."""
+        if not self.tags_jobs:
+            return None
+        client = self.provider.client()
+        try:
+            async for batch in client.batches.list(limit=100):
+                if (batch.metadata or {}).get(METADATA_KEY) == tag:
+                    return batch.id
+                if batch.created_at < since - CLOCK_MARGIN:
+                    return None
+        except openai.OpenAIError as e:
+            raise self.provider.translate_error(e) from e
+        return None
+
+    async def _submit(self, items: list[tuple[str, LLMRequest]], metadata: dict[str, str] | None) -> str:
         data = self.jsonl(items)
         client = self.provider.client()
         try:
@@ -133,7 +164,10 @@ class OpenAIBatch(BatchAPI):
         except openai.OpenAIError as e:
             raise self._batch_error("uploading the batch file", e) from e
         try:
-            batch_id = await self._create(client, file_id)
+            if metadata:
+                batch_id = await self._create(client, file_id, metadata=metadata)
+            else:
+                batch_id = await self._create(client, file_id)
         except openai.OpenAIError as e:
             await self._delete(file_id)
             raise self._batch_error("creating the batch", e) from e
@@ -186,9 +220,12 @@ class OpenAIBatch(BatchAPI):
         file = await client.files.create(file=("batch.jsonl", data), purpose="batch")
         return file.id
 
-    async def _create(self, client: openai.AsyncOpenAI, file_id: str) -> str:
+    async def _create(
+        self, client: openai.AsyncOpenAI, file_id: str, metadata: dict[str, str] | None = None
+    ) -> str:
+        extra: dict[str, Any] = {"metadata": metadata} if metadata else {}
         batch = await client.batches.create(
-            input_file_id=file_id, endpoint=ENDPOINT, completion_window=self.completion_window
+            input_file_id=file_id, endpoint=ENDPOINT, completion_window=self.completion_window, **extra
         )
         return batch.id
 
@@ -248,12 +285,12 @@ class OpenAIBatch(BatchAPI):
         choices = body.get("choices") or [{}]
         message = choices[0].get("message") or {}
         usage = body.get("usage") or {}
-        from . import finish_reason
+        from . import finish_reason, usage_of
 
         return LLMResponse(
             message.get("content") or message.get("refusal") or "",
             finish_reason=finish_reason(choices[0].get("finish_reason"), message),
-            usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
+            usage=usage_of(usage),
             model=body.get("model"),
             provider=self.provider.name,
             via="batch",

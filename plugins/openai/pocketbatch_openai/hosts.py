@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 import openai
 
@@ -58,6 +58,7 @@ class GroqBatch(OpenAIBatch):
     """
 
     label = "Groq"
+    tags_jobs = False  # Groq's batch metadata is not documented: no tag, and no look-up by it
     max_requests = 50_000
     max_bytes = 200_000_000  # Groq's 200 MB, in decimal megabytes
     completion_window = "24h"
@@ -85,6 +86,8 @@ class GroqProvider(OpenAIProvider):
     rpm = 1_000
     tpm = 250_000
     prices = GROQ_PRICES
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    prices_date = "2026-06-04"  # the latest reading of GROQ_PRICES' sources
     batch_class = GroqBatch
 
     def base_url(self) -> str | None:
@@ -151,6 +154,7 @@ class TogetherBatch(OpenAIBatch):
     """
 
     label = "Together"
+    tags_jobs = False  # Together's jobs take no metadata: no tag, and no look-up by it
     max_requests = 50_000
     max_bytes = 100_000_000  # Together's 100 MB per input file
     completion_window = "24h"  # Together's only window, a best-effort target
@@ -226,6 +230,8 @@ class TogetherProvider(OpenAIProvider):
     rpm = 600
     tpm = 0
     prices = TOGETHER_PRICES
+    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    prices_date = "2026-10-07"  # Together's catalog snapshot TOGETHER_PRICES is read from
     batch_class = TogetherBatch
 
     def accepts(self, model: str) -> bool:

@@ -22,6 +22,7 @@ import itertools
 import json
 import random
 import re
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -140,6 +141,7 @@ class Fault:
     headers: dict[str, str] = field(default_factory=dict)
     timeout: bool = False
     disconnect: bool = False
+    lose_answer: bool = False
 
 
 class OpenAIEmulator:
@@ -160,7 +162,8 @@ class OpenAIEmulator:
       `polls_per_state` (retrieve calls spent in validating, in_progress and finalizing, default 1);
       `cancel_completes` (share of lines done before a cancel, default 0.5); `shuffle` (output lines out
       of input order, default True); `reply(body) -> str | Refusal` (default `default_reply`); `snapshots`
-      (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses).
+      (the model name a response reports); `rate_limits` (x-ratelimit-* headers on chat responses);
+      `cached_tokens` (prompt tokens each reply reports as cache reads, in `prompt_tokens_details`).
     `flavor` ("openai", "groq" or "together") serves another OpenAI-shaped API with its documented
     differences (see FLAVORS): Groq's `/openai/v1` base and 24h-7d windows and per-day request headers;
     Together's `/files/upload` with purpose `batch-api`, jobs wrapped in `{"job": ...}` on create, with
@@ -179,6 +182,7 @@ class OpenAIEmulator:
         self.server_error_ids: set[str] = set()
         self.expire_ids: set[str] = set()
         self.polls_per_state = 1
+        self.cached_tokens = 0  # prompt tokens each reply reports as read from the prompt cache
         self.cancel_completes = 0.5
         self.shuffle = True
         self.reply: Callable[[dict], str | Refusal] = default_reply
@@ -193,7 +197,7 @@ class OpenAIEmulator:
         self._batch_failures: list[list[dict]] = []
         self._random = random.Random(seed)
         self._ids = itertools.count(1)
-        self._clock = 1_700_000_000
+        self._clock = int(time.time())  # created_at of batches: `find` compares it with the client's
         self._used_requests = 0
         self._used_tokens = 0
         self._mock: Any = None
@@ -214,8 +218,12 @@ class OpenAIEmulator:
         headers: dict[str, str] | None = None,
         timeout: bool = False,
         disconnect: bool = False,
+        lose_answer: bool = False,
     ) -> None:
-        """The next n requests to `route` fail this way (then it answers normally again)."""
+        """The next n requests to `route` fail this way (then it answers normally again).
+
+        `lose_answer=True`: the request is carried out (a batch is created) but its answer never
+        arrives: the client sees the connection drop."""
         fault = Fault(
             status=status,
             code=code,
@@ -226,6 +234,7 @@ class OpenAIEmulator:
             headers=dict(headers or {}),
             timeout=timeout,
             disconnect=disconnect,
+            lose_answer=lose_answer,
         )
         self._faults.setdefault(route, []).extend([fault] * n)
 
@@ -293,6 +302,12 @@ class OpenAIEmulator:
         self.calls[route] += 1
         self._clock += 1
         faults = self._faults.get(route)
+        if faults and faults[0].lose_answer and handler is not None:
+            import httpcore2
+
+            faults.pop(0)
+            handler(request, *args)
+            raise httpcore2.ReadError("emulated connection lost before the answer arrived")
         if faults:
             return self._fault(faults.pop(0), route, request)
         if not request.headers.get("authorization", "").startswith("Bearer "):
@@ -392,8 +407,13 @@ class OpenAIEmulator:
         if limit is not None and _tokens(text) > limit:
             text, finish = " ".join(text.split()[:limit]), "length"
         prompt = " ".join(_content_text(m.get("content")) for m in body["messages"])
-        usage = {"prompt_tokens": _tokens(prompt), "completion_tokens": _tokens(refusal or text)}
+        usage: dict[str, Any] = {
+            "prompt_tokens": _tokens(prompt) + self.cached_tokens,
+            "completion_tokens": _tokens(refusal or text),
+        }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if self.cached_tokens:  # a cached prompt prefix: part of prompt_tokens, billed at its own rate
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens, "audio_tokens": 0}
         return {
             "id": f"chatcmpl-{next(self._ids)}",
             "object": "chat.completion",

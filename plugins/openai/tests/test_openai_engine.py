@@ -4,12 +4,14 @@ registered in the core and the emulator (strict SDK clients) on the other side o
 import hashlib
 import json
 import logging
+import re
 from dataclasses import asdict
 
 import pytest
 
 from pocketbatch import RequestError
 from pocketbatch.engine.batch import chunks, custom_ids
+from pocketbatch.journal import journal
 from pocketbatch.providers import LLMRequest, Usage
 from pocketbatch.testing import ask_each
 from pocketbatch_openai import OpenAIProvider
@@ -36,16 +38,16 @@ def cost(input_tokens, output_tokens, factor=1.0):
 def lines_end(emulator, provider, **sets_by_prompt):
     """Put each prompt's custom_id in the emulator's error_ids, server_error_ids or expire_ids as the
     batch is submitted: the engine picks the ids, so they are only known then."""
-    submit = provider.batch.submit
+    submit = provider.batch.submit_tagged  # what the engine calls
 
-    async def submit_and_mark(items):
+    async def submit_and_mark(items, tag):
         for custom_id, request in items:
             which = sets_by_prompt.get(request.messages[-1]["content"])
             if which is not None:
                 getattr(emulator, which).add(custom_id)
-        return await submit(items)
+        return await submit(items, tag)
 
-    provider.batch.submit = submit_and_mark
+    provider.batch.submit_tagged = submit_and_mark
 
 
 async def test_a_small_round_goes_concurrent_through_chat_completions(provider, openai_emulator, caplog):
@@ -120,13 +122,13 @@ async def test_the_custom_ids_are_the_content_hashes_the_journal_already_knows(p
     # Journaled rounds are found again by these ids: a change to how they are computed would make a
     # re-run after an upgrade pay for its batch jobs twice.
     submitted = []
-    submit = provider.batch.submit
+    submit = provider.batch.submit_tagged
 
-    async def spy(items):
+    async def spy(items, tag):
         submitted.extend(items)
-        return await submit(items)
+        return await submit(items, tag)
 
-    provider.batch.submit = spy
+    provider.batch.submit_tagged = spy
     await ask(["Summarise: same", "Summarise: other", "Summarise: same"], mode="batch")
 
     seen = {}
@@ -188,3 +190,36 @@ async def test_a_chunk_over_the_exact_size_limit_is_halved_until_it_fits(
     assert [r.via for r in replies] == ["batch"] * 8
     assert openai_emulator.batches_created == 4 and openai_emulator.calls["chat"] == 0
     assert [b["request_counts"]["total"] for b in openai_emulator.batches.values()] == [2, 2, 2, 2]
+
+
+async def test_each_job_carries_its_round_in_metadata(provider, openai_emulator):
+    await ask(["Summarise: a", "Summarise: b"], mode="batch")
+    [body] = openai_emulator.bodies("batches.create")
+    [batch_id] = openai_emulator.batches
+    assert openai_emulator.batches[batch_id]["metadata"] == body["metadata"]
+    assert re.fullmatch(r"[0-9a-f]{32}-[0-9a-f]{16}", body["metadata"]["pocketbatch"])
+
+
+async def test_a_lost_answer_to_the_create_call_is_found_by_its_metadata_one_job_in_all(
+    provider, openai_emulator
+):
+    openai_emulator.fail_next(route="batches.create", lose_answer=True)
+    prompts = [f"Summarise: text {i}" for i in range(4)]
+    replies = await ask(prompts, mode="batch")
+    assert replies == [f"Echo: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
+    assert openai_emulator.batches_created == 1 and len(openai_emulator.batches) == 1
+    assert openai_emulator.calls["batches.list"] == 1  # looked up before creating again
+    [job] = journal().jobs()
+    assert job.job_id in openai_emulator.batches and journal().submissions(job.round) == []
+
+
+async def test_cached_prompt_tokens_are_priced_at_the_cached_input_rate(provider, openai_emulator):
+    openai_emulator.cached_tokens = 1000
+    [reply] = await ask(["Summarise: the cat sat"])
+    assert reply.usage == Usage(1004, 5, cache_read_tokens=1000)
+    # 4 uncached input tokens at $0.15, 1,000 cached ones at $0.075, 5 output tokens at $0.60
+    expected = (4 * 0.15 + 1000 * 0.075 + 5 * 0.60) / 1_000_000
+    assert reply.cost_usd == pytest.approx(expected)
+    [batched] = await ask(["Summarise: the dog ran"], mode="batch")
+    assert batched.usage == Usage(1004, 5, cache_read_tokens=1000)
+    assert batched.cost_usd == pytest.approx(expected * 0.5)

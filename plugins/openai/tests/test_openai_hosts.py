@@ -303,3 +303,12 @@ async def test_a_together_reply_without_the_expected_fields_is_a_batch_error(tog
         await together.batch.submit([("a", request())])
     assert not caught.value.retryable
     assert len(together_emulator.deleted_files) == 1  # the uploaded file is not left behind
+
+
+async def test_groq_jobs_carry_no_metadata_tag(groq_emulator, register_provider, pocketbatch_env):
+    pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
+    register_provider(strict(GroqProvider))
+    replies, _ = await ask(["Summarise: a", "Summarise: b"], "groq/openai/gpt-oss-120b", mode="batch")
+    assert {r.via for r in replies} == {"batch"}
+    [body] = groq_emulator.bodies("batches.create")
+    assert "metadata" not in body  # undocumented on Groq: the job is submitted untagged

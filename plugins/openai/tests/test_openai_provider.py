@@ -9,6 +9,7 @@ import pytest
 
 from pocketbatch import (
     ConfigError,
+    LLMRequest,
     LLMResponse,
     Provider,
     RateLimitError,
@@ -347,3 +348,18 @@ def test_model_names_resolve_through_the_registry(installed, monkeypatch):
         installed.resolve("openai/gpt-4o-typo")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://localhost:8000/v1")
     assert installed.resolve("openai/llama3.1:8b") == (provider, "llama3.1:8b")
+
+
+def test_clients_are_closed_when_their_event_loop_ends(openai_emulator, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    provider = OpenAIProvider(client_options={"_strict_response_validation": True})
+    seen = []
+
+    async def call():
+        await provider.call_llm_async(LLMRequest.from_prompt("hi", "gpt-4o-mini"))
+        seen.append(provider.client())
+        assert not seen[-1].is_closed()
+
+    asyncio.run(call())
+    asyncio.run(call())
+    assert seen[0] is not seen[1] and [c.is_closed() for c in seen] == [True, True]
