@@ -21,6 +21,10 @@ How a limiter starts, so that its first requests tell it something before many a
   back, with the provider's rate-limit headers if it sends them;
 - a 429 for a request sent before the first answer arrived pauses, but says nothing about the rate the
   limiter will send at, so it is not taken for the limit.
+
+With POCKETBATCH_REDIS_URL set, admission, pauses, learned rates and the concurrency cap are shared by
+every process through Redis (shared_limits.py); the local buckets then serve only while Redis is lost,
+at this process's share of the limit.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from aiolimiter import AsyncLimiter
 from ..config import Limits, settings
 from ..errors import LLMError, RateLimitError
 from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
+from .shared_limits import SharedLimit, check_reachable
 
 INF = math.inf
 
@@ -104,6 +109,7 @@ class Ticket:
     output_guess: bool  # the estimate guessed the output (max_tokens was unset)
     semaphore: asyncio.Semaphore | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
+    lease: str | None = None  # its place under the concurrency cap shared through Redis
 
 
 class _Rate:
@@ -290,6 +296,9 @@ class Limiter:
         self._input_factor = 1.0  # reported input tokens / (chars / 4), a running average
         self._output_tokens = float(DEFAULT_OUTPUT_TOKENS)
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
+        self.shared: SharedLimit | None = None  # set by limiter_for when POCKETBATCH_REDIS_URL is
+        self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
+        self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
         self.configure(limits, defaults)
 
     def configure(self, limits: Limits, defaults: Limits) -> None:
@@ -353,7 +362,7 @@ class Limiter:
 
     def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:
         """This loop's bucket for rpm or tpm, brought in line with the shared rate."""
-        rate = (self._rpm if which == "rpm" else self._tpm).rate
+        rate = (self._rpm if which == "rpm" else self._tpm).rate * self._share
         bucket: _Bucket | None = getattr(state, which)
         if rate == INF:
             if bucket is not None:
@@ -368,8 +377,16 @@ class Limiter:
             bucket.set_rate(rate, capacity, self._version)
         return bucket
 
-    def _changed(self) -> None:
+    def _changed(self, publish: bool = True) -> None:
         self._version += 1
+        if publish and self.shared is not None and not self.shared.lost():
+            self._background(
+                self.shared.learned(
+                    self._rpm.rate if self._rpm.learn else None,
+                    self._tpm.rate if self._tpm.learn else None,
+                    self._output_tokens,
+                )
+            )
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:  # told outside a loop: every loop catches up on its next acquire
@@ -389,14 +406,20 @@ class Limiter:
         semaphore = state.semaphore
         if semaphore is not None:
             await semaphore.acquire()
-        first_wave = None
+        first_wave, lease = None, None
         try:
+            if self.shared is not None and self.max_concurrency > 0 and not self.shared.lost():
+                lease = await self.shared.take_place(self.max_concurrency, settings().timeout)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
             chars = _chars(request)
             tokens = self._estimate(chars, request.max_tokens)
             while True:
                 await self._wait_pause()
+                if await self._reserve_shared(tokens):
+                    if self.paused_until <= time.monotonic():
+                        break
+                    continue
                 # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
                 # and requests it let out while they then waited for tokens would leave together.
                 if self._bucket(state, "tpm") is not None:
@@ -418,13 +441,68 @@ class Limiter:
                 semaphore.release()
             if first_wave is not None:
                 self._leave_first_wave(first_wave)
+            if lease is not None and self.shared is not None:
+                self._background(self.shared.free_place(lease))
             raise
         now = time.monotonic()
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         if self.answered_at is not None and self._rpm.grow(now) | self._tpm.grow(now):
             self._changed()  # no growth before the first answer: nothing is known about the rate yet
-        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave)
+        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
+
+    async def _reserve_shared(self, tokens: int) -> bool:
+        """Admission through Redis; False when it is not configured or lost (then the local buckets
+        admit, at this process's share of the limit)."""
+        shared = self.shared
+        if shared is None:
+            return False
+        if shared.lost():
+            return False
+        rpm, tpm = self._rpm.rate, self._tpm.rate
+        reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
+        if reservation is None:
+            if self._share == 1.0:
+                self._share = shared.share()
+                self._changed(publish=False)
+            return False
+        if self._share != 1.0:
+            self._share = 1.0
+            self._changed(publish=False)
+        self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
+        if reservation.wait > 0:
+            self._rpm.queued = self._tpm.queued = True  # demand: callers wait on the shared limit
+            await asyncio.sleep(reservation.wait)
+        return True
+
+    def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
+        """Take on what another process learned and stored in Redis."""
+        now, changed = time.monotonic(), False
+        for rate, value in ((self._rpm, rpm), (self._tpm, tpm)):
+            if value is None or not rate.learn or math.isclose(value, rate.rate, rel_tol=1e-6):
+                continue
+            if value < rate.rate:
+                # Another process slowed down after a 429: this episode is answered for us too.
+                rate.anchor = min(rate.anchor, rate.rate)
+                rate.slow_start = False
+                rate.decreased_at = now
+            rate.rate = min(value, rate.cap)
+            changed = True
+        if output_tokens is not None:
+            self._output_tokens = output_tokens
+        if changed:
+            self._changed(publish=False)
+
+    def _background(self, coro) -> None:
+        """Run a write to Redis without making the caller wait for it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _join_first_wave(self, state: _LoopState) -> _LoopState | None:
         """A place among the first FIRST_WAVE requests, or None once the first answer is in: until then a
@@ -469,6 +547,8 @@ class Limiter:
             ticket.semaphore.release()
         if ticket.first_wave is not None:
             self._leave_first_wave(ticket.first_wave)
+        if ticket.lease is not None and self.shared is not None:
+            self._background(self.shared.free_place(ticket.lease))
 
     def _answered(self) -> None:
         """The provider answered (a reply or an HTTP error): the first wave is over in every loop."""
@@ -492,6 +572,10 @@ class Limiter:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
             self._reported(response.rate_limits)
+        if self.shared is not None and self._tpm.rate < INF and usage.input_tokens + usage.output_tokens:
+            # The token bucket took the estimate: move it by what the answer really used.
+            used = usage.input_tokens + usage.output_tokens
+            self._background(self.shared.correct(used - ticket.tokens, self._tpm.rate))
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
         known = self.answered_at is not None and ticket.sent_at >= self.answered_at
@@ -525,6 +609,8 @@ class Limiter:
         instead of each worker sleeping the same Retry-After and waking together."""
         seconds = min(max(seconds, 0.0) * (1 + PAUSE_MARGIN[0]) + PAUSE_MARGIN[1], MAX_PAUSE)
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        if self.shared is not None and not self.shared.lost():
+            self._background(self.shared.pause(seconds))  # every process waits it out
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:
@@ -605,6 +691,12 @@ def limiter_for(provider: Provider, model: str) -> Limiter:
                 limiter = _registry[key] = Limiter(key, limits, defaults)
     elif limiter.config != (limits, defaults):
         limiter.configure(limits, defaults)  # the environment changed (config.reload())
+    url = settings().redis_url
+    if url is None:
+        limiter.shared = None
+    elif limiter.shared is None or limiter.shared.url != url:
+        check_reachable(url)  # a ConfigError naming POCKETBATCH_REDIS_URL, before any call
+        limiter.shared = SharedLimit(url, key.provider, key.model, key.key)
     return limiter
 
 
