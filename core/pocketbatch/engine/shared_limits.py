@@ -128,13 +128,13 @@ def check_reachable(url: str) -> None:
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:
-        raise ConfigError(f"POCKETBATCH_REDIS_URL={_safe(url)}: Redis does not answer ({exc})") from exc
+        raise ConfigError(f"POCKETBATCH_REDIS_URL={safe_url(url)}: Redis does not answer ({exc})") from exc
     finally:
         client.close()
     _CHECKED.add(url)
 
 
-def _safe(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without a password, for messages."""
     if "@" in url:
         scheme, rest = url.split("://", 1) if "://" in url else ("", url)
@@ -209,7 +209,7 @@ class SharedLimit:
                 log.warning(
                     "POCKETBATCH_REDIS_URL=%s does not answer (%s): going on with a local limit at this "
                     "process's share (1/%d) until it answers again",
-                    _safe(self.url),
+                    safe_url(self.url),
                     type(exc).__name__,
                     self.processes,
                 )
