@@ -153,8 +153,9 @@ class _Rate:
         lo, hi = ROUND_SECONDS
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
-    def grow(self, now: float) -> bool:
-        """Raise the rate when callers have been queueing on it; True when it changed."""
+    def grow(self, now: float, share: float = 1.0) -> bool:
+        """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
+        process's part of the evidence when several processes grow one shared rate (1/processes)."""
         dt = now - self.grown_at
         rnd = self.round_seconds()
         if dt < rnd / 4:
@@ -162,7 +163,7 @@ class _Rate:
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
             return False
-        rounds = min(dt, 4 * rnd) / rnd  # idle stretches do not count as evidence
+        rounds = min(dt, 4 * rnd) / rnd * share  # idle stretches do not count as evidence
         anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
         if self.slow_start:
             rate = self.rate * 2**rounds
@@ -251,13 +252,26 @@ class _Bucket(AsyncLimiter):
 class _LoopState:
     """The asyncio objects of one limiter in one event loop."""
 
-    __slots__ = ("concurrency", "loop", "rpm", "semaphore", "tpm", "tpm_lock", "wave", "wave_waiters")
+    __slots__ = (
+        "concurrency",
+        "loop",
+        "rpm",
+        "semaphore",
+        "shared_lock",
+        "tpm",
+        "tpm_lock",
+        "wave",
+        "wave_waiters",
+    )
 
     def __init__(self, concurrency: int, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.rpm: _Bucket | None = None
         self.tpm: _Bucket | None = None
         self.tpm_lock = asyncio.Lock()  # FIFO: aiolimiter serves small acquires first (notes §5)
+        # One reservation on Redis at a time per loop: slots are not taken far ahead (a process that
+        # reserved a thousand slots at once would send them late, together, whatever happened since).
+        self.shared_lock = asyncio.Lock()
         self.concurrency = concurrency
         self.semaphore = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self.wave = 0  # requests of the first wave in flight
@@ -297,6 +311,7 @@ class Limiter:
         self._output_tokens = float(DEFAULT_OUTPUT_TOKENS)
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
         self.shared: SharedLimit | None = None  # set by limiter_for when POCKETBATCH_REDIS_URL is
+        self._epoch = 0  # the epoch of the learned rates in Redis this limiter last saw
         self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
         self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
         self.configure(limits, defaults)
@@ -377,11 +392,15 @@ class Limiter:
             bucket.set_rate(rate, capacity, self._version)
         return bucket
 
-    def _changed(self, publish: bool = True) -> None:
+    def _changed(self, publish: str | None = "set") -> None:
+        """The rates changed: buckets catch up; with Redis, other processes learn it ("set": a
+        decrease or a reported limit; "grow": growth; None: nothing to tell, e.g. taken from Redis)."""
         self._version += 1
         if publish and self.shared is not None and not self.shared.lost():
             self._background(
                 self.shared.learned(
+                    self._epoch,
+                    publish,
                     self._rpm.rate if self._rpm.learn else None,
                     self._tpm.rate if self._tpm.learn else None,
                     self._output_tokens,
@@ -416,7 +435,7 @@ class Limiter:
             tokens = self._estimate(chars, request.max_tokens)
             while True:
                 await self._wait_pause()
-                if await self._reserve_shared(tokens):
+                if await self._reserve_shared(state, tokens):
                     if self.paused_until <= time.monotonic():
                         break
                     continue
@@ -447,11 +466,12 @@ class Limiter:
         now = time.monotonic()
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
-        if self.answered_at is not None and self._rpm.grow(now) | self._tpm.grow(now):
-            self._changed()  # no growth before the first answer: nothing is known about the rate yet
+        share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
+        if self.answered_at is not None and self._rpm.grow(now, share) | self._tpm.grow(now, share):
+            self._changed("grow")  # no growth before the first answer: nothing is known about the rate yet
         return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
 
-    async def _reserve_shared(self, tokens: int) -> bool:
+    async def _reserve_shared(self, state: _LoopState, tokens: int) -> bool:
         """Admission through Redis; False when it is not configured or lost (then the local buckets
         admit, at this process's share of the limit)."""
         shared = self.shared
@@ -459,20 +479,24 @@ class Limiter:
             return False
         if shared.lost():
             return False
-        rpm, tpm = self._rpm.rate, self._tpm.rate
-        reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
-        if reservation is None:
-            if self._share == 1.0:
-                self._share = shared.share()
-                self._changed(publish=False)
-            return False
-        if self._share != 1.0:
-            self._share = 1.0
-            self._changed(publish=False)
-        self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
-        if reservation.wait > 0:
-            self._rpm.queued = self._tpm.queued = True  # demand: callers wait on the shared limit
-            await asyncio.sleep(reservation.wait)
+        async with state.shared_lock:
+            await self._wait_pause()
+            rpm, tpm = self._rpm.rate, self._tpm.rate
+            reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
+            if reservation is None:
+                if self._share == 1.0:
+                    self._share = shared.share()
+                    self._changed(None)
+                return False
+            if self._share != 1.0:
+                self._share = 1.0
+                self._changed(None)
+            self._epoch = reservation.epoch
+            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
+            if reservation.bound:  # demand: callers wait on this shared limit
+                (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
+            if reservation.wait > 0:
+                await asyncio.sleep(reservation.wait)
         return True
 
     def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
@@ -481,8 +505,9 @@ class Limiter:
         for rate, value in ((self._rpm, rpm), (self._tpm, tpm)):
             if value is None or not rate.learn or math.isclose(value, rate.rate, rel_tol=1e-6):
                 continue
-            if value < rate.rate:
-                # Another process slowed down after a 429: this episode is answered for us too.
+            if value < rate.rate * (DECREASE + 1) / 2:
+                # Another process slowed down after a 429 (not just grew from an older value than
+                # ours): this episode is answered for us too.
                 rate.anchor = min(rate.anchor, rate.rate)
                 rate.slow_start = False
                 rate.decreased_at = now
@@ -491,7 +516,7 @@ class Limiter:
         if output_tokens is not None:
             self._output_tokens = output_tokens
         if changed:
-            self._changed(publish=False)
+            self._changed(None)
 
     def _background(self, coro) -> None:
         """Run a write to Redis without making the caller wait for it."""
@@ -593,12 +618,15 @@ class Limiter:
         now = time.monotonic()
         rl = error.rate_limits
         tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
+        # Shared through Redis, this process saw its part of what all of them sent and were admitted.
+        scale = self.shared.processes if self.shared is not None and not self.shared.lost() else 1
         changed = False
         if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
-            changed = self._tpm.decrease(now, ticket.sent_at, self._observed_tokens(now))
+            changed = self._tpm.decrease(now, ticket.sent_at, scale * self._observed_tokens(now))
         else:
-            admitted = _per_second(self._oks, now, self._rpm.round_seconds())
-            changed = self._rpm.decrease(now, ticket.sent_at, self._observed_requests(now), admitted)
+            admitted = scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            observed = scale * self._observed_requests(now)
+            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted)
         if changed:
             self._changed()
         # after the rate change, so the pause holds the bucket at its new rate

@@ -43,11 +43,13 @@ IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
 # KEYS: requests tat, tokens tat, pause, processes, learned
 # ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
 #       0 = unlimited), token burst span (µs), tokens, process id
-# Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or ""}
+# Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or "",
+#          learned epoch or "", what bound the wait: 0 nothing or the pause, 1 requests, 2 tokens}
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local send = now
+local bound = 0
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
 if pause > send then send = pause end
 redis.call('ZADD', KEYS[4], now, ARGV[6])
@@ -61,12 +63,12 @@ if ri > 0 then
   -- a fresh bucket starts paced: one request now, then the rate (not a burst at t=0)
   rtat = tonumber(redis.call('GET', KEYS[1]) or tostring(now + rb - ri))
   local at = rtat - rb + ri
-  if at > send then send = at end
+  if at > send then send = at; bound = 1 end
 end
 if ti > 0 then
   ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
   local at = ttat - tb + ti * tokens
-  if at > send then send = at end
+  if at > send then send = at; bound = 2 end
 end
 if ri > 0 then
   local tat = math.max(rtat, send) + ri
@@ -76,8 +78,8 @@ if ti > 0 then
   local tat = math.max(ttat, send) + ti * tokens
   redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
 end
-local learned = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out')
-return {string.format('%.0f', send - now), procs, learned[1] or '', learned[2] or '', learned[3] or ''}
+local l = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out', 'epoch')
+return {string.format('%.0f', send - now), procs, l[1] or '', l[2] or '', l[3] or '', l[4] or '', bound}
 """.replace("IDLE", str(IDLE_MS))
 
 # KEYS: pause. ARGV: seconds (µs). Moves the shared pause to now + seconds unless it already ends later.
@@ -109,6 +111,30 @@ if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) / 1000) + 1000)
 return 1
+"""
+
+# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", rpm, tpm, output ("" for none), TTL.
+# "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch; "grow" only raises, and
+# only within the epoch its writer knows, so a process growing from an old value never undoes a decrease.
+LEARN = """
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if ARGV[2] == 'set' then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'rpm', ARGV[3]) end
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'tpm', ARGV[4]) end
+elseif tonumber(ARGV[1]) == epoch then
+  for i, name in ipairs({'rpm', 'tpm'}) do
+    local new = ARGV[2 + i]
+    local old = redis.call('HGET', KEYS[1], name)
+    if new ~= '' and (not old or tonumber(new) > tonumber(old)) then
+      redis.call('HSET', KEYS[1], name, new)
+    end
+  end
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'out', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+return epoch
 """
 
 _CHECKED: set[str] = set()
@@ -149,6 +175,8 @@ class Reservation:
     rpm: float | None  # learned rates (per second) and output tokens stored by any process, if any
     tpm: float | None
     output_tokens: float | None
+    epoch: int  # how many times a process set the learned rates (a decrease): growth stays within one
+    bound: str  # what made the caller wait: "" (nothing, or a pause), "rpm" or "tpm"
 
 
 class SharedLimit:
@@ -243,10 +271,16 @@ class SharedLimit:
         result = await self._run(RESERVE, keys, [*args, self.process, f"{PROCESS_WINDOW * 1e6:.0f}"])
         if result is None:
             return None
-        wait, procs, learned_rpm, learned_tpm, out = result
+        wait, procs, learned_rpm, learned_tpm, out, epoch, bound = result
         self.processes = int(procs)
         return Reservation(
-            max(0.0, float(wait) / 1e6), int(procs), _num(learned_rpm), _num(learned_tpm), _num(out)
+            max(0.0, float(wait) / 1e6),
+            int(procs),
+            _num(learned_rpm),
+            _num(learned_tpm),
+            _num(out),
+            int(_num(epoch) or 0),
+            ("", "rpm", "tpm")[int(bound)],
         )
 
     async def pause(self, seconds: float) -> None:
@@ -260,27 +294,17 @@ class SharedLimit:
             return
         await self._run(CORRECT, [self._key("tpm")], [f"{tokens * 1e6 / tpm:.0f}"])
 
-    async def learned(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
-        """Store what this process learned (per second), for every process, for LEARNED_TTL seconds."""
-        import redis
+    async def learned(
+        self, epoch: int, how: str, rpm: float | None, tpm: float | None, output_tokens: float | None
+    ) -> None:
+        """Store what this process learned (per second), for every process, for LEARNED_TTL seconds:
+        `how` "set" after a decrease or a reported limit, "grow" after growth within `epoch`."""
 
-        fields = {
-            name: repr(value)
-            for name, value in (("rpm", rpm), ("tpm", tpm), ("out", output_tokens))
-            if value is not None and value != math.inf
-        }
-        if not fields:
-            return
-        self._tried_at = time.monotonic()
-        try:
-            async with self._client().pipeline(transaction=True) as pipe:
-                pipe.hset(self._key("learned"), mapping=fields)
-                pipe.expire(self._key("learned"), LEARNED_TTL)
-                await pipe.execute()
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            self._failed(exc)
-            return
-        self._answered()
+        def text(value: float | None) -> str:
+            return "" if value is None or value == math.inf else repr(value)
+
+        args = [epoch, how, text(rpm), text(tpm), text(output_tokens), LEARNED_TTL]
+        await self._run(LEARN, [self._key("learned")], args)
 
     # -- the concurrency cap --------------------------------------------------------------------
 
