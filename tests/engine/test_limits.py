@@ -292,3 +292,24 @@ async def test_a_bucket_starts_paced_not_with_a_burst():
     await asyncio.sleep(0.05)
     assert first and not second.done()  # a fresh bucket has room for one request, not BURST of them
     second.cancel()
+
+
+async def test_sync_and_async_calls_at_once_share_one_limit(monkeypatch):
+    """The sync call_llm's loop (in its own thread) and a parallel node's loop draw from one limit."""
+    from pocketbatch import config
+    from pocketbatch.engine import concurrent
+    from pocketbatch.engine.limits import _rpm_capacity
+    from pocketbatch.llm import _sync_loop
+
+    from .conftest import FAST, ServerProvider, requests
+
+    monkeypatch.setenv("POCKETBATCH_RPM", "600")  # 10 a second
+    config.reload()
+    provider = ServerProvider()  # keeps the books of both loops' calls
+    sync_side = asyncio.run_coroutine_threadsafe(
+        concurrent.run_all(provider, requests(25), policy=FAST), _sync_loop()
+    )
+    results = await concurrent.run_all(provider, requests(25), policy=FAST)
+    results += await asyncio.wrap_future(sync_side)
+    assert len(results) == 50 and not [r for r in results if isinstance(r, Exception)]
+    assert provider.max_in_window(1.0) <= 10 + _rpm_capacity(10)  # each loop alone may send 10 a second

@@ -44,7 +44,7 @@ from aiolimiter import AsyncLimiter
 from ..config import Limits, settings
 from ..errors import LLMError, RateLimitError
 from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
-from .shared_limits import SharedLimit, check_reachable
+from .shared_limits import LoopsShare, SharedLimit, check_reachable
 
 INF = math.inf
 
@@ -314,6 +314,10 @@ class Limiter:
         self._epoch = 0  # the epoch of the learned rates in Redis this limiter last saw
         self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
         self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
+        # Admission shared by the event loops of this process, once more than one uses this limiter
+        # (buckets are asyncio objects of one loop; the sync call_llm's loop and the program's must
+        # draw from one limit).
+        self._loops_share: LoopsShare | None = None
         self.configure(limits, defaults)
 
     def configure(self, limits: Limits, defaults: Limits) -> None:
@@ -373,6 +377,12 @@ class Limiter:
         state = self._loops.get(loop)
         if state is None or state.concurrency != self.max_concurrency:
             state = self._loops[loop] = _LoopState(self.max_concurrency, loop)
+            # The sync call_llm's loop (llm.py) runs beside the program's: share from its first call, so
+            # no caller is already queued on a bucket of its own when the other loop starts.
+            sync_loop = threading.current_thread().name == "pocketbatch-sync"
+            live = sum(1 for other in self._loops if not other.is_closed())
+            if self._loops_share is None and (sync_loop or live > 1):
+                self._loops_share = LoopsShare()
         return state
 
     def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:
@@ -451,6 +461,8 @@ class Limiter:
                     self._rpm.queued = True
                 elif rpm is not None:
                     await rpm.acquire(1)
+                if self._loops_share is not None and self.shared is None:
+                    continue  # another loop started while this caller waited here: go through the share
                 if self.paused_until <= time.monotonic():
                     break
                 # A 429 paused the limiter while this caller waited in a bucket: going now would add to
@@ -476,12 +488,22 @@ class Limiter:
         admit, at this process's share of the limit)."""
         shared = self.shared
         if shared is None:
-            return False
-        if shared.lost():
+            if self._loops_share is None:
+                return False
+        elif shared.lost():
             return False
         async with state.shared_lock:
             await self._wait_pause()
             rpm, tpm = self._rpm.rate, self._tpm.rate
+            if shared is None:
+                reservation = await self._loops_share.reserve(
+                    rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens
+                )
+                if reservation.bound:
+                    (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
+                if reservation.wait > 0:
+                    await asyncio.sleep(reservation.wait)
+                return True
             reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
             if reservation is None:
                 if self._share == 1.0:

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -177,6 +178,36 @@ class Reservation:
     output_tokens: float | None
     epoch: int  # how many times a process set the learned rates (a decrease): growth stays within one
     bound: str  # what made the caller wait: "" (nothing, or a pause), "rpm" or "tpm"
+
+
+class LoopsShare:
+    """The RESERVE script's arithmetic in one process, for a limiter used from several event loops at once
+    (the sync `call_llm` runs on its own loop while a program's parallel node runs on another): one GCRA
+    for requests and one for tokens, on time.monotonic, behind a thread lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rtat: float | None = None
+        self._ttat = 0.0
+
+    async def reserve(self, rpm: float, rpm_burst: float, tpm: float, tpm_burst: float, tokens: int):
+        with self._lock:
+            now = time.monotonic()
+            send, bound = now, ""
+            ri = 0.0 if rpm == math.inf else 1 / rpm
+            ti = 0.0 if tpm == math.inf else 1 / tpm
+            rb, tb = ri * rpm_burst, ti * tpm_burst
+            if ri:
+                rtat = self._rtat if self._rtat is not None else now + rb - ri  # paced start
+                if rtat - rb + ri > send:
+                    send, bound = rtat - rb + ri, "rpm"
+            if ti and self._ttat - tb + ti * tokens > send:
+                send, bound = self._ttat - tb + ti * tokens, "tpm"
+            if ri:
+                self._rtat = max(rtat, send) + ri
+            if ti:
+                self._ttat = max(self._ttat, send) + ti * tokens
+        return Reservation(send - now, 1, None, None, None, 0, bound)
 
 
 class SharedLimit:
