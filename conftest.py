@@ -82,3 +82,17 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def new_redis_server(tmp_path):
+    """Start another redis-server (e.g. to kill and restart it in one test); stopped after the test."""
+    servers = []
+
+    def start() -> RedisServer:
+        servers.append(RedisServer(tmp_path).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

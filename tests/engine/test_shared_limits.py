@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RedisServer
 from pocketbatch import config
 from pocketbatch.engine import concurrent
 from pocketbatch.engine.limits import _rpm_capacity, limiter_for
@@ -87,9 +86,12 @@ async def test_a_429_seen_by_one_process_pauses_the_other(tmp_path, redis_url):
 
 
 def test_unreachable_redis_at_start_up_is_a_config_error(monkeypatch):
-    from conftest import _free_port
+    import socket
 
-    monkeypatch.setenv("POCKETBATCH_REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", f"redis://127.0.0.1:{port}/0")
     config.reload()
     with pytest.raises(ConfigError, match="POCKETBATCH_REDIS_URL"):
         asyncio.run(concurrent.call(ServerProvider(), requests(1)[0]))
@@ -101,35 +103,32 @@ def test_a_url_that_is_not_redis_is_a_config_error(monkeypatch):
         config.reload()
 
 
-async def test_redis_killed_mid_run_then_restarted_loses_nothing(tmp_path, monkeypatch, caplog):
-    server = RedisServer(tmp_path).start()
-    try:
-        monkeypatch.setenv("POCKETBATCH_REDIS_URL", server.url)
-        monkeypatch.setenv("POCKETBATCH_RPM", str(RPM))
-        config.reload()
-        provider = ServerProvider(latency=0.005)
-        n = 100
+async def test_redis_killed_mid_run_then_restarted_loses_nothing(new_redis_server, monkeypatch, caplog):
+    server = new_redis_server()
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", server.url)
+    monkeypatch.setenv("POCKETBATCH_RPM", str(RPM))
+    config.reload()
+    provider = ServerProvider(latency=0.005)
+    n = 100
 
-        async def outage() -> None:
-            while len(provider.hits) < 20:
-                await asyncio.sleep(0.01)
-            server.stop()
-            while len(provider.hits) < 50:
-                await asyncio.sleep(0.01)
-            server.start()
-
-        caplog.set_level(logging.WARNING, logger="pocketbatch")
-        side = asyncio.ensure_future(outage())
-        # Few workers, so reservations are made along the run (a reservation made before the outage
-        # holds whatever happens to Redis after it).
-        results = await concurrent.run_all(provider, requests(n), policy=FAST, workers=4)
-        await side
-        limiter = limiter_for(provider, "m")
-        assert all(isinstance(r, LLMResponse) for r in results)
-        assert provider.count(200) == n
-        warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-        assert len(warnings) == 1 and "POCKETBATCH_REDIS_URL" in warnings[0].getMessage()
-        assert limiter.shared.lost_at is None  # back on Redis before the run ended
-        await limiter.shared.close()
-    finally:
+    async def outage() -> None:
+        while len(provider.hits) < 20:
+            await asyncio.sleep(0.01)
         server.stop()
+        while len(provider.hits) < 50:
+            await asyncio.sleep(0.01)
+        server.start()
+
+    caplog.set_level(logging.WARNING, logger="pocketbatch")
+    side = asyncio.ensure_future(outage())
+    # Few workers, so reservations are made along the run (a reservation made before the outage
+    # holds whatever happens to Redis after it).
+    results = await concurrent.run_all(provider, requests(n), policy=FAST, workers=4)
+    await side
+    limiter = limiter_for(provider, "m")
+    assert all(isinstance(r, LLMResponse) for r in results)
+    assert provider.count(200) == n
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "POCKETBATCH_REDIS_URL" in warnings[0].getMessage()
+    assert limiter.shared.lost_at is None  # back on Redis before the run ended
+    await limiter.shared.close()
