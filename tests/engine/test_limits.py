@@ -313,3 +313,19 @@ async def test_sync_and_async_calls_at_once_share_one_limit(monkeypatch):
     results += await asyncio.wrap_future(sync_side)
     assert len(results) == 50 and not [r for r in results if isinstance(r, Exception)]
     assert provider.max_in_window(1.0) <= 10 + _rpm_capacity(10)  # each loop alone may send 10 a second
+
+
+async def test_429s_for_concurrent_requests_teach_a_concurrency_cap(monkeypatch):
+    """A provider with no concurrency cap of its own that refuses more than 5 requests at once: the
+    limiter learns a cap instead of slowing its rate, and the 429s stop."""
+    from pocketbatch.engine import concurrent
+
+    from .conftest import FAST, requests
+
+    provider = ServerProvider(server_concurrency=5, latency=0.02)
+    results = await concurrent.run_all(provider, requests(200), policy=FAST)
+    assert not [r for r in results if isinstance(r, Exception)]
+    limiter = limiter_for(provider, "m")
+    assert 1 <= limiter.max_concurrency <= 6 and limiter.rpm == math.inf  # the rate is left alone
+    late = [h for h in provider.hits[len(provider.hits) // 2 :] if h.status == 429]
+    assert len(late) <= 3  # once learned, the cap holds (it probes one above now and then)

@@ -75,6 +75,7 @@ DEFAULT_PAUSE = 0.5  # pause after a 429 that gave no Retry-After (the SDKs' fir
 # A Retry-After is the earliest moment the server has room for one request: resume a little after it,
 # or timer and clock rounding make the first request back another 429.
 PAUSE_MARGIN = (0.02, 0.002)  # (fraction, seconds) added to every pause
+CONCURRENCY_GROWTH = 4 * ROUND_REQUESTS  # answers, callers queueing, before a learned cap grows by 1
 MAX_PAUSE = 120.0  # the longest shared pause (the OpenAI SDK also refuses Retry-After above 120 s)
 
 # Token estimates: ~4 characters a token, and when max_tokens is unset an output guess that is then
@@ -107,7 +108,7 @@ class Ticket:
     tokens: int  # the token estimate (taken from the TPM bucket when there is one)
     chars: int  # characters of the prompt, to reconcile the estimate with reported usage
     output_guess: bool  # the estimate guessed the output (max_tokens was unset)
-    semaphore: asyncio.Semaphore | None
+    semaphore: _Cap | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
     lease: str | None = None  # its place under the concurrency cap shared through Redis
 
@@ -249,6 +250,47 @@ class _Bucket(AsyncLimiter):
         self._wake_next()
 
 
+class _Cap:
+    """A semaphore whose number of places can change while it is held (a learned concurrency cap moves):
+    holders always release to the same object, so what is in flight is counted across the change."""
+
+    __slots__ = ("held", "limit", "queued", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self.queued = False  # a caller waited for a place since the cap last grew
+        self.waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self) -> None:
+        while self.held >= self.limit:
+            self.queued = True
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken and cancelled at once: pass the turn on
+                raise
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.held
+        while free > 0 and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+
 class _LoopState:
     """The asyncio objects of one limiter in one event loop."""
 
@@ -273,7 +315,7 @@ class _LoopState:
         # reserved a thousand slots at once would send them late, together, whatever happened since).
         self.shared_lock = asyncio.Lock()
         self.concurrency = concurrency
-        self.semaphore = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+        self.semaphore = _Cap(concurrency) if concurrency > 0 else None
         self.wave = 0  # requests of the first wave in flight
         self.wave_waiters: deque[asyncio.Future] = deque()  # callers waiting for a place in it
 
@@ -328,6 +370,10 @@ class Limiter:
         self._tpm = _Rate(limits.tpm, defaults.tpm or 0, now)
         conc = limits.max_concurrency if limits.max_concurrency is not None else defaults.max_concurrency
         self.max_concurrency = int(conc or 0)
+        # A cap learned from 429s for concurrent requests, where the user set none (0: none learned).
+        self._learn_concurrency = limits.max_concurrency is None
+        self._in_flight = 0  # tickets out: requests let through and not yet released
+        self._since_cap = 0  # answers since the learned cap last moved
         self._version = getattr(self, "_version", 0) + 1
 
     # -- what the rest of the engine reads ---------------------------------------------------------
@@ -375,7 +421,17 @@ class Limiter:
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
-        if state is None or state.concurrency != self.max_concurrency:
+        if state is not None and state.concurrency != self.max_concurrency:
+            # The cap moved (learned, or configured again): a new semaphore, the buckets kept. Tickets
+            # release the semaphore they took.
+            state.concurrency = self.max_concurrency
+            if state.concurrency <= 0:
+                state.semaphore = None
+            elif state.semaphore is None:
+                state.semaphore = _Cap(state.concurrency)
+            else:
+                state.semaphore.set_limit(state.concurrency)
+        if state is None:
             state = self._loops[loop] = _LoopState(self.max_concurrency, loop)
             # The sync call_llm's loop (llm.py) runs beside the program's: share from its first call, so
             # no caller is already queued on a bucket of its own when the other loop starts.
@@ -467,6 +523,11 @@ class Limiter:
                     break
                 # A 429 paused the limiter while this caller waited in a bucket: going now would add to
                 # the burst at the end of the pause, so wait it out and queue again.
+            if semaphore is None and (late := self._state().semaphore) is not None:
+                # A cap was learned while this caller waited (it came in when there was none): take a
+                # place now, or callers already queued would all go past the new cap.
+                await late.acquire()
+                semaphore = late
         except BaseException:
             if semaphore is not None:
                 semaphore.release()
@@ -476,6 +537,7 @@ class Limiter:
                 self._background(self.shared.free_place(lease))
             raise
         now = time.monotonic()
+        self._in_flight += 1
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
@@ -540,6 +602,13 @@ class Limiter:
         if changed:
             self._changed(None)
 
+    def _apply_cap(self) -> None:
+        """Move this loop's concurrency cap to max_concurrency now (other loops on their next acquire)."""
+        try:
+            self._state()
+        except RuntimeError:  # told outside a loop
+            pass
+
     def _background(self, coro) -> None:
         """Run a write to Redis without making the caller wait for it."""
         try:
@@ -590,6 +659,7 @@ class Limiter:
                 left -= part
 
     def release(self, ticket: Ticket) -> None:
+        self._in_flight -= 1
         if ticket.semaphore is not None:
             ticket.semaphore.release()
         if ticket.first_wave is not None:
@@ -615,6 +685,16 @@ class Limiter:
         if usage.input_tokens and ticket.chars:
             ratio = usage.input_tokens / (ticket.chars / CHARS_PER_TOKEN)
             self._input_factor += _EMA * (min(4.0, max(0.25, ratio)) - self._input_factor)
+        if self._learn_concurrency and self.max_concurrency > 0:
+            self._since_cap += 1
+            if self._since_cap >= CONCURRENCY_GROWTH:  # additive increase of a learned cap ...
+                self._since_cap = 0
+                caps = [st.semaphore for st in self._loops.values() if st.semaphore is not None]
+                if any(cap.queued for cap in caps):  # ... when callers have been waiting for a place
+                    self.max_concurrency += 1
+                    for cap in caps:
+                        cap.queued = False
+                    self._apply_cap()
         if ticket.output_guess and usage.output_tokens:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
@@ -632,6 +712,16 @@ class Limiter:
             self._reported(error.rate_limits)
         if not (isinstance(error, RateLimitError) or error.status == 429) or not error.retryable:
             return  # exhausted quota (retryable False) is not a rate: slowing down would not help
+        if _for_concurrency(error):
+            # Too many requests at once, not too many a minute: cap what is in flight, leave the rate.
+            if self._learn_concurrency:
+                in_flight = self._in_flight  # this one included: released after on_error
+                cap = self.max_concurrency or in_flight
+                self.max_concurrency = max(1, min(cap, math.floor(in_flight * DECREASE)))
+                self._since_cap = 0
+                self._apply_cap()
+            self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+            return
         if not known:
             # Sent before anything came back: a start-up burst, or a window another client emptied.
             # Wait as told, but the rate this limiter sends at has not been tried yet.
@@ -700,6 +790,20 @@ class Limiter:
 
     def __repr__(self) -> str:
         return f"<Limiter {self.key.provider}/{self.key.model} rpm={self.rpm:g} tpm={self.tpm:g}>"
+
+
+def _for_concurrency(error: LLMError) -> bool:
+    """A 429 for concurrent requests (Anthropic's and others' concurrency limits): it says so, or the
+    limits it reports still have room for requests and tokens."""
+    if "concurren" in str(error).lower():
+        return True
+    rl = error.rate_limits
+    return (
+        rl is not None
+        and rl.remaining_requests is not None
+        and rl.remaining_requests > 0
+        and (rl.remaining_tokens is None or rl.remaining_tokens > 0)
+    )
 
 
 def _per_second(times: deque[float], now: float, window: float = 1.0) -> float:
