@@ -2,8 +2,10 @@
 a 429, and limits that learn themselves where the user configured none.
 
 A `Limiter` lives for the process in a registry (`limiter_for`), so every round of calls shares what was
-learned. Its buckets and semaphore are asyncio objects bound to one event loop, so each loop gets its own
-(the sync `call_llm` runs a fresh loop per call); the learned rates are plain numbers shared by all.
+learned. Its buckets and semaphore are asyncio objects bound to one event loop, so each loop gets its own;
+the learned rates and the pause are plain numbers shared by all, and once a limiter is used from the sync
+`call_llm`'s loop (llm.py) or from a second loop, admission goes through one thread-safe GCRA for all of
+them (`LoopsShare`), so sync and async calls made at once draw from one limit.
 
 How a limit moves (one `_Rate` per dimension, in units per second):
 - configured by the user (env): a ceiling; the rate starts there and never passes it; headers are not
