@@ -132,3 +132,44 @@ async def test_redis_killed_mid_run_then_restarted_loses_nothing(new_redis_serve
     assert len(warnings) == 1 and "POCKETBATCH_REDIS_URL" in warnings[0].getMessage()
     assert limiter.shared.lost_at is None  # back on Redis before the run ended
     await limiter.shared.close()
+
+
+async def test_the_token_estimate_is_corrected_after_the_answer(redis_url):
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    shared = SharedLimit(redis_url, "p", "m", "tokens")
+    inf = float("inf")
+    assert (await shared.reserve(inf, 1, 100.0, 100.0, 100)).wait == 0  # a bucket of 100 tokens, full
+    second = await shared.reserve(inf, 1, 100.0, 100.0, 100)
+    assert 0.9 < second.wait <= 1.0 and second.bound == "tpm"  # a second of tokens to wait for
+    await shared.correct(-150, 100.0)  # both answers used 25 tokens, not 100
+    assert (await shared.reserve(inf, 1, 100.0, 100.0, 50)).wait < 0.1
+    await shared.close()
+
+
+async def test_a_rate_learned_by_one_process_is_taken_up_by_another(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+    from pocketbatch.errors import RateLimitError
+
+    def limiter():  # what each process has: its own limiter and connection, one key in Redis
+        made = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
+        made.shared = SharedLimit(redis_url, "p", "m", "")
+        return made
+
+    a, b = limiter(), limiter()
+    [request] = requests(1)
+    ticket = await a.acquire(request)
+    a.on_response(LLMResponse("ok"), ticket)
+    a.release(ticket)
+    ticket = await a.acquire(request)
+    a.on_error(RateLimitError("429", status=429, retry_after=0.0), ticket)
+    a.release(ticket)
+    await asyncio.gather(*a._tasks)
+    assert a.rpm < 600  # a 429 after the first answer: a learned decrease, stored in Redis
+    ticket = await b.acquire(request)
+    b.release(ticket)
+    assert b.rpm == pytest.approx(a.rpm)
+    await a.shared.close()
+    await b.shared.close()
