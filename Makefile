@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml plugins/openai/pyproject.toml plugins/anthropic/pyproje
 	$(BIN)/python -m pip install --quiet -e '.[dev]' -e plugins/openai -e plugins/anthropic
 	touch $@
 
-# The shared-limit tests start a real redis-server (tests/conftest.py); install Debian's when missing.
+# The shared-limit tests start a real redis-server (conftest.py); install Debian's when missing.
 redis-server:
 	@command -v redis-server >/dev/null || { \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; \
