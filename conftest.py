@@ -27,3 +27,72 @@ def _isolated(monkeypatch, tmp_path):
     monkeypatch.undo()
     settings_module.reload()
     registry.reset()
+
+
+class RedisServer:
+    """A real redis-server on a free port, persistence off, in its own directory."""
+
+    def __init__(self, directory, port: int | None = None) -> None:
+        self.directory, self.port, self.proc = directory, port or _free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import shutil
+        import subprocess
+        import time
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed (make test installs Debian's redis-server)")
+        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--dir", str(self.directory)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        import socket
+
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.1).close()
+                return self
+            except OSError:
+                time.sleep(0.01)
+        self.stop()
+        pytest.fail(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session; tests keep apart by their own keys (or flush it)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def new_redis_server(tmp_path):
+    """Start another redis-server (e.g. to kill and restart it in one test); stopped after the test."""
+    servers = []
+
+    def start() -> RedisServer:
+        servers.append(RedisServer(tmp_path).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -102,10 +102,17 @@ def litellm_router(flavor: str, rate: float):
         params |= {"api_base": os.environ["ANTHROPIC_BASE_URL"], "api_key": os.environ["ANTHROPIC_API_KEY"]}
     else:
         params |= {"api_base": os.environ["OPENAI_BASE_URL"], "api_key": os.environ["OPENAI_API_KEY"]}
+    shared = {}
+    if os.environ.get("BENCH_REDIS_URL"):  # bench/shared_limit.py: the rpm shared through Redis
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ["BENCH_REDIS_URL"])
+        shared = {"redis_host": url.hostname, "redis_port": url.port}
     return Router(
         model_list=[{"model_name": "m", "litellm_params": params}],
         routing_strategy="usage-based-routing-v2",
         num_retries=3,
+        **shared,
     )
 
 

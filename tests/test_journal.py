@@ -463,3 +463,133 @@ async def test_a_create_call_answered_with_an_error_leaves_no_submitting_row(mon
     out, _ = await run([1, 2])
     assert {r.via for r in out} == {"concurrent"}
     assert journal().db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0] == 0
+
+
+# -- the journal in Redis (POCKETBATCH_JOURNAL=redis://...) ----------------------------------------
+
+
+@pytest.fixture
+def redis_journal_url(redis_server):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_both_journals_keep_the_same_things(kind, tmp_path, request):
+    from pocketbatch.redis_journal import RedisJournal
+
+    if kind == "redis":
+        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
+    else:
+        store = Journal(tmp_path / "j.sqlite3")
+    assert not store.knows("round-a") and not store.has_jobs("offline", "m") and store.jobs() == []
+    store.add_job("job-1", "round-a", "offline", "m", ["a", "b"])
+    store.add_job("job-2", "round-b", "offline", "m", ["c"])
+    store.set_state("job-1", "ended", {"succeeded": 2})
+    [job] = store.jobs("round-a")
+    assert (job.job_id, job.state, job.counts, job.custom_ids) == (
+        "job-1",
+        "ended",
+        {"succeeded": 2},
+        ["a", "b"],
+    )
+    assert job.ended_at is not None and store.job("job-2").ended_at is None and store.job("nope") is None
+    assert [j.job_id for j in store.jobs()] == ["job-1", "job-2"]
+    assert store.knows("round-a") and store.has_jobs("offline", "m") and not store.has_jobs("offline", "x")
+    store.save_outcomes(
+        "round-a", {"a": LLMResponse("hi", usage=Usage(1, 2)), "b": RequestError("no")}, "job-1"
+    )
+    outcomes = store.outcomes("round-a")
+    assert outcomes["a"] == "hi" and isinstance(outcomes["b"], RequestError)
+    me, other = f"{socket.gethostname()}:{os.getpid()}:a", f"{socket.gethostname()}:{os.getpid()}:b"
+    assert store.acquire("round-c", me) and store.acquire("round-c", me)
+    assert not store.acquire("round-c", other)  # a live holder keeps it
+    store.release("round-c", other)  # not the holder: nothing happens
+    assert not store.acquire("round-c", other)
+    store.release("round-c", me)
+    assert store.acquire("round-c", other)
+    dead = f"{socket.gethostname()}:999999999:c"  # no such process: its lease no longer holds
+    assert store.acquire("round-d", dead) and store.acquire("round-d", me)
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_both_journals_keep_submitting_rows_and_prune_alike(kind, tmp_path, request):
+    from pocketbatch.redis_journal import RedisJournal
+
+    if kind == "redis":
+        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
+    else:
+        store = Journal(tmp_path / "j.sqlite3")
+    started = store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"])
+    assert store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"]) == started
+    assert store.knows("round-s") and store.has_jobs("offline", "m")
+    [sub] = store.submissions("round-s")
+    assert (sub.tag, sub.custom_ids, sub.started_at) == ("round-s-0", ["a", "b"], started)
+    store.add_job("job-s", "round-s", "offline", "m", ["a", "b"], tag="round-s-0")
+    assert store.submissions("round-s") == []  # known by its job id from now on
+    store.start_submission("round-t", "round-t-0", "offline", "m", ["c"])
+    store.end_submission("round-t", "round-t-0")
+    assert store.submissions("round-t") == []
+
+    store.add_job("job-old", "round-old", "offline", "m", ["x"])
+    store.save_outcomes("round-old", {"x": LLMResponse("done")}, "job-old")
+    store.set_state("job-old", "collected")
+    for round in ("round-s", "round-old"):
+        store.touch(round, "offline", "m")
+    later = time.time() + 3600  # both rounds are older than this; round-s's job is still running
+    dry = store.prune(later, dry_run=True)
+    assert (dry.rounds, dry.jobs, dry.outcomes, dry.kept) == (1, 1, 1, 1)
+    assert store.job("job-old") is not None  # a dry run deletes nothing
+    done = store.prune(later)
+    assert (done.rounds, done.jobs, done.outcomes, done.kept) == (1, 1, 1, 1)
+    assert store.job("job-old") is None and store.outcomes("round-old") == {}
+    assert not store.knows("round-old") and store.job("job-s") is not None
+    assert done.size_after <= done.size_before
+    store.close()
+
+
+def test_the_redis_journal_keeps_no_prompts_and_no_keys(redis_journal_url, monkeypatch):
+    import redis
+
+    monkeypatch.setenv("POCKETBATCH_JOURNAL", redis_journal_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
+    from pocketbatch import config
+
+    config.reload()
+    asyncio.run(run(["a secret prompt"]))
+    client = redis.Redis.from_url(redis_journal_url, decode_responses=True)
+    dump = {k: client.dump(k) for k in client.keys("*")}
+    jobs = [repr(v) for k, v in dump.items() if ":outcomes:" not in k]
+    assert dump and not any("a secret prompt" in v or "sk-secret-value" in v for v in jobs)
+    client.close()
+
+
+def test_a_job_submitted_on_one_machine_is_resumed_from_another(tmp_path, redis_journal_url):
+    """Machine A (its own HOME) submits, is killed; machine B (another HOME) re-attaches through the same
+    Redis journal: one job in all. The offline provider's folder stands for the provider both reach."""
+    import redis
+
+    client = redis.Redis.from_url(redis_journal_url, decode_responses=True)
+
+    def states():
+        return [client.hget(k, "state") for k in client.keys("pocketbatch:{journal}:job:*")]
+
+    env = {
+        **cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="2"),
+        "POCKETBATCH_JOURNAL": redis_journal_url,
+    }
+    (tmp_path / "home-a").mkdir()
+    (tmp_path / "home-b").mkdir()
+    first = start_run(tmp_path, {**env, "HOME": str(tmp_path / "home-a"), "XDG_CACHE_HOME": ""})
+    wait_for(lambda: states() == ["running"])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    finish_and_check(tmp_path, {**env, "HOME": str(tmp_path / "home-b"), "XDG_CACHE_HOME": ""})
+    assert states() == ["collected"]
+    assert not list(tmp_path.glob("home-*/**/*.sqlite3"))  # no SQLite journal on either machine
+    client.close()

@@ -45,6 +45,8 @@ class Settings:
     log: str = "warning"
     schema_retries: int = 2  # re-asks of an answer that fails its schema, after the first answer
     round_timeout: float = 5.0  # seconds without progress before a round flushes what it holds; 0 = never
+    redis_url: str | None = None  # POCKETBATCH_REDIS_URL: limits shared by every process (docs/scale.md)
+    journal_url: str | None = None  # POCKETBATCH_JOURNAL=redis://...: the journal in Redis
 
     def limits_for(self, provider: str) -> Limits:
         """The user's limits for one provider: its own variables first, then the global ones."""
@@ -73,6 +75,7 @@ def settings() -> Settings:
             parse = _count if kind == "max_concurrency" else _rate
             provider_limits.setdefault(m.group(1).lower(), {})[kind] = parse(name, value)
     journal = env.get("POCKETBATCH_JOURNAL", "")
+    journal_url = _redis_url("POCKETBATCH_JOURNAL", journal) if _is_url(journal) else None
     log = _choice(env, "POCKETBATCH_LOG", LOG_LEVELS, "warning")
     configure_logging(log)
     return Settings(
@@ -94,7 +97,7 @@ def settings() -> Settings:
         batch_deadline=_opt(env, "POCKETBATCH_BATCH_DEADLINE", _seconds),
         poll_interval=_opt(env, "POCKETBATCH_POLL_INTERVAL", _seconds) or 1.0,
         journal=None
-        if journal.lower() == "off"
+        if journal.lower() == "off" or journal_url
         else Path(journal).expanduser()
         if journal
         else default_journal(),
@@ -106,6 +109,10 @@ def settings() -> Settings:
             env.get("POCKETBATCH_ROUND_TIMEOUT", "5"),
             "a number of seconds ≥ 0 (0: a round waits for all its items, however long)",
         ),
+        redis_url=_redis_url("POCKETBATCH_REDIS_URL", env["POCKETBATCH_REDIS_URL"])
+        if env.get("POCKETBATCH_REDIS_URL")
+        else None,
+        journal_url=journal_url,
     )
 
 
@@ -179,6 +186,19 @@ def _choice(env, name: str, choices: tuple[str, ...], default: str) -> str:
     value = env.get(name, "").lower() or default
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {env[name]!r}")
+    return value
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _is_url(value: str) -> bool:
+    return "://" in value
+
+
+def _redis_url(name: str, value: str) -> str:
+    if not value.lower().startswith(REDIS_SCHEMES):
+        raise ConfigError(f"{name} must be a Redis URL (redis://, rediss:// or unix://), not {value!r}")
     return value
 
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from . import errors
 from .config import settings
@@ -99,6 +99,41 @@ class Submission:
     tag: str  # the chunk's tag, also kept on the job at the provider where its API allows
     custom_ids: list[str]
     started_at: float
+
+
+class JournalStore(Protocol):
+    """What the engine and the CLI use of a journal: SQLite (`Journal`, the default) or Redis
+    (`redis_journal.RedisJournal`, POCKETBATCH_JOURNAL=redis://...)."""
+
+    def add_job(
+        self,
+        job_id: str,
+        round: str,
+        provider: str,
+        model: str,
+        custom_ids: list[str],
+        tag: str | None = None,
+    ) -> None: ...
+    def start_submission(
+        self, round: str, tag: str, provider: str, model: str, custom_ids: list[str]
+    ) -> float: ...
+    def end_submission(self, round: str, tag: str) -> None: ...
+    def submissions(self, round: str) -> list[Submission]: ...
+    def touch(self, round: str, provider: str, model: str) -> None: ...
+    def prune(self, before: float, *, dry_run: bool = False) -> Pruned: ...
+    def size(self) -> int: ...
+    def set_state(self, job_id: str, state: str, counts: dict[str, int] | None = None) -> None: ...
+    def acquire(self, round: str, holder: str) -> bool: ...
+    def release(self, round: str, holder: str) -> None: ...
+    def knows(self, round: str) -> bool: ...
+    def has_jobs(self, provider: str, model: str) -> bool: ...
+    def jobs(self, round: str | None = None) -> list[Job]: ...
+    def job(self, job_id: str) -> Job | None: ...
+    def save_outcomes(
+        self, round: str, outcomes: dict[str, LLMResponse | BaseException], job_id=None
+    ) -> None: ...
+    def outcomes(self, round: str) -> dict[str, LLMResponse | errors.LLMError]: ...
+    def close(self) -> None: ...
 
 
 class Journal:
@@ -324,6 +359,9 @@ def _stale(holder: str, since: float) -> bool:
     return time.time() - since > 3600
 
 
+stale_lease = _stale  # the Redis journal's leases follow the same rule
+
+
 def _job(row: tuple) -> Job:
     job_id, round, provider, model, ids, state, submitted, ended, counts = row
     return Job(job_id, round, provider, model, json.loads(ids), state, submitted, ended,
@@ -372,11 +410,18 @@ def decode(data: dict[str, Any]) -> LLMResponse | errors.LLMError:
     )
 
 
-_open: dict[Path, Journal] = {}
+_open: dict[Path | str, JournalStore] = {}
 
 
-def journal() -> Journal | None:
+def journal() -> JournalStore | None:
     """The journal at POCKETBATCH_JOURNAL (None when it is off), one connection per path per process."""
+    url = settings().journal_url
+    if url is not None:
+        if url not in _open:
+            from .redis_journal import RedisJournal
+
+            _open[url] = RedisJournal(url)
+        return _open[url]
     path = settings().journal
     if path is None:
         return None

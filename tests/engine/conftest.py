@@ -42,6 +42,7 @@ class ServerProvider(Provider):
     rpm: float = 0.0  # the provider's default limits (class attributes on real providers)
     tpm: float = 0.0
     max_concurrency: int = 0
+    server_concurrency: int = 0  # 0: any number at once; else a 429 "too many concurrent requests"
     prices: dict = field(default_factory=dict)
     fail: dict = field(default_factory=dict)
     default_model: str = "m"
@@ -77,6 +78,8 @@ class ServerProvider(Provider):
         now = time.monotonic()
         text = request.messages[-1]["content"]
         try:
+            if self.server_concurrency and self.in_flight >= self.server_concurrency:
+                raise RateLimitError("429 too many concurrent requests", status=429, retry_after=0.01)
             limits = self._admit(now)
             error = self.fail.get(text)
             if error is not None:

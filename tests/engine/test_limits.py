@@ -292,3 +292,71 @@ async def test_a_bucket_starts_paced_not_with_a_burst():
     await asyncio.sleep(0.05)
     assert first and not second.done()  # a fresh bucket has room for one request, not BURST of them
     second.cancel()
+
+
+async def test_sync_and_async_calls_at_once_share_one_limit(monkeypatch):
+    """The sync call_llm's loop (in its own thread) and a parallel node's loop draw from one limit."""
+    from pocketbatch import config
+    from pocketbatch.engine import concurrent
+    from pocketbatch.engine.limits import _rpm_capacity
+    from pocketbatch.llm import _sync_loop
+
+    from .conftest import FAST, ServerProvider, requests
+
+    monkeypatch.setenv("POCKETBATCH_RPM", "600")  # 10 a second
+    config.reload()
+    provider = ServerProvider()  # keeps the books of both loops' calls
+    sync_side = asyncio.run_coroutine_threadsafe(
+        concurrent.run_all(provider, requests(25), policy=FAST), _sync_loop()
+    )
+    results = await concurrent.run_all(provider, requests(25), policy=FAST)
+    results += await asyncio.wrap_future(sync_side)
+    assert len(results) == 50 and not [r for r in results if isinstance(r, Exception)]
+    assert provider.max_in_window(1.0) <= 10 + _rpm_capacity(10)  # each loop alone may send 10 a second
+
+
+async def test_429s_for_concurrent_requests_teach_a_concurrency_cap(monkeypatch):
+    """A provider with no concurrency cap of its own that refuses more than 5 requests at once: the
+    limiter learns a cap instead of slowing its rate, and the 429s stop."""
+    from pocketbatch.engine import concurrent
+
+    from .conftest import FAST, requests
+
+    provider = ServerProvider(server_concurrency=5, latency=0.02)
+    results = await concurrent.run_all(provider, requests(200), policy=FAST)
+    assert not [r for r in results if isinstance(r, Exception)]
+    limiter = limiter_for(provider, "m")
+    assert 1 <= limiter.max_concurrency <= 6 and limiter.rpm == math.inf  # the rate is left alone
+    late = [h for h in provider.hits[len(provider.hits) // 2 :] if h.status == 429]
+    assert len(late) <= 3  # once learned, the cap holds (it probes one above now and then)
+
+
+async def test_a_sync_node_and_a_parallel_node_at_once_share_one_limit(monkeypatch, register_provider):
+    """A BatchNode calling call_llm (in a thread) while an AsyncParallelBatchNode awaits call_llm_async:
+    one server limit, counted by the provider's books."""
+    from pocketbatch import AsyncParallelBatchNode, BatchNode, call_llm, call_llm_async, config
+    from pocketbatch.engine.limits import _rpm_capacity
+
+    monkeypatch.setenv("POCKETBATCH_RPM", "600")  # 10 a second
+    monkeypatch.setenv("POCKETBATCH_MODE", "concurrent")
+    config.reload()
+    provider = register_provider(ServerProvider())
+
+    class Sync(BatchNode):
+        def prep(self, shared):
+            return [f"sync {i}" for i in range(20)]
+
+        def exec(self, prompt):
+            return call_llm(prompt, model="srv/m")
+
+    class Parallel(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return [f"async {i}" for i in range(20)]
+
+        async def exec_async(self, prompt):
+            return await call_llm_async(prompt, model="srv/m")
+
+    await asyncio.gather(asyncio.to_thread(Sync().run, {}), Parallel().run_async({}))
+    assert provider.count(200) == 40
+    assert {h.item.split()[0] for h in provider.hits} == {"sync", "async"}
+    assert provider.max_in_window(1.0) <= 10 + _rpm_capacity(10)  # each side alone may send 10 a second

@@ -2,8 +2,10 @@
 a 429, and limits that learn themselves where the user configured none.
 
 A `Limiter` lives for the process in a registry (`limiter_for`), so every round of calls shares what was
-learned. Its buckets and semaphore are asyncio objects bound to one event loop, so each loop gets its own
-(the sync `call_llm` runs a fresh loop per call); the learned rates are plain numbers shared by all.
+learned. Its buckets and semaphore are asyncio objects bound to one event loop, so each loop gets its own;
+the learned rates and the pause are plain numbers shared by all, and once a limiter is used from the sync
+`call_llm`'s loop (llm.py) or from a second loop, admission goes through one thread-safe GCRA for all of
+them (`LoopsShare`), so sync and async calls made at once draw from one limit.
 
 How a limit moves (one `_Rate` per dimension, in units per second):
 - configured by the user (env): a ceiling; the rate starts there and never passes it; headers are not
@@ -21,6 +23,10 @@ How a limiter starts, so that its first requests tell it something before many a
   back, with the provider's rate-limit headers if it sends them;
 - a 429 for a request sent before the first answer arrived pauses, but says nothing about the rate the
   limiter will send at, so it is not taken for the limit.
+
+With POCKETBATCH_REDIS_URL set, admission, pauses, learned rates and the concurrency cap are shared by
+every process through Redis (shared_limits.py); the local buckets then serve only while Redis is lost,
+at this process's share of the limit.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from aiolimiter import AsyncLimiter
 from ..config import Limits, settings
 from ..errors import LLMError, RateLimitError
 from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
+from .shared_limits import LoopsShare, SharedLimit, check_reachable
 
 INF = math.inf
 
@@ -70,6 +77,7 @@ DEFAULT_PAUSE = 0.5  # pause after a 429 that gave no Retry-After (the SDKs' fir
 # A Retry-After is the earliest moment the server has room for one request: resume a little after it,
 # or timer and clock rounding make the first request back another 429.
 PAUSE_MARGIN = (0.02, 0.002)  # (fraction, seconds) added to every pause
+CONCURRENCY_GROWTH = 4 * ROUND_REQUESTS  # answers, callers queueing, before a learned cap grows by 1
 MAX_PAUSE = 120.0  # the longest shared pause (the OpenAI SDK also refuses Retry-After above 120 s)
 
 # Token estimates: ~4 characters a token, and when max_tokens is unset an output guess that is then
@@ -102,8 +110,9 @@ class Ticket:
     tokens: int  # the token estimate (taken from the TPM bucket when there is one)
     chars: int  # characters of the prompt, to reconcile the estimate with reported usage
     output_guess: bool  # the estimate guessed the output (max_tokens was unset)
-    semaphore: asyncio.Semaphore | None
+    semaphore: _Cap | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
+    lease: str | None = None  # its place under the concurrency cap shared through Redis
 
 
 class _Rate:
@@ -147,8 +156,9 @@ class _Rate:
         lo, hi = ROUND_SECONDS
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
-    def grow(self, now: float) -> bool:
-        """Raise the rate when callers have been queueing on it; True when it changed."""
+    def grow(self, now: float, share: float = 1.0) -> bool:
+        """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
+        process's part of the evidence when several processes grow one shared rate (1/processes)."""
         dt = now - self.grown_at
         rnd = self.round_seconds()
         if dt < rnd / 4:
@@ -156,7 +166,7 @@ class _Rate:
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
             return False
-        rounds = min(dt, 4 * rnd) / rnd  # idle stretches do not count as evidence
+        rounds = min(dt, 4 * rnd) / rnd * share  # idle stretches do not count as evidence
         anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
         if self.slow_start:
             rate = self.rate * 2**rounds
@@ -242,18 +252,72 @@ class _Bucket(AsyncLimiter):
         self._wake_next()
 
 
+class _Cap:
+    """A semaphore whose number of places can change while it is held (a learned concurrency cap moves):
+    holders always release to the same object, so what is in flight is counted across the change."""
+
+    __slots__ = ("held", "limit", "queued", "waiters")
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self.queued = False  # a caller waited for a place since the cap last grew
+        self.waiters: deque[asyncio.Future] = deque()
+
+    async def acquire(self) -> None:
+        while self.held >= self.limit:
+            self.queued = True
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # woken and cancelled at once: pass the turn on
+                raise
+        self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
+        self._wake()
+
+    def set_limit(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        free = self.limit - self.held
+        while free > 0 and self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
+
+
 class _LoopState:
     """The asyncio objects of one limiter in one event loop."""
 
-    __slots__ = ("concurrency", "loop", "rpm", "semaphore", "tpm", "tpm_lock", "wave", "wave_waiters")
+    __slots__ = (
+        "concurrency",
+        "loop",
+        "rpm",
+        "semaphore",
+        "shared_lock",
+        "tpm",
+        "tpm_lock",
+        "wave",
+        "wave_waiters",
+    )
 
     def __init__(self, concurrency: int, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.rpm: _Bucket | None = None
         self.tpm: _Bucket | None = None
         self.tpm_lock = asyncio.Lock()  # FIFO: aiolimiter serves small acquires first (notes §5)
+        # One reservation on Redis at a time per loop: slots are not taken far ahead (a process that
+        # reserved a thousand slots at once would send them late, together, whatever happened since).
+        self.shared_lock = asyncio.Lock()
         self.concurrency = concurrency
-        self.semaphore = asyncio.Semaphore(concurrency) if concurrency > 0 else None
+        self.semaphore = _Cap(concurrency) if concurrency > 0 else None
         self.wave = 0  # requests of the first wave in flight
         self.wave_waiters: deque[asyncio.Future] = deque()  # callers waiting for a place in it
 
@@ -290,6 +354,14 @@ class Limiter:
         self._input_factor = 1.0  # reported input tokens / (chars / 4), a running average
         self._output_tokens = float(DEFAULT_OUTPUT_TOKENS)
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
+        self.shared: SharedLimit | None = None  # set by limiter_for when POCKETBATCH_REDIS_URL is
+        self._epoch = 0  # the epoch of the learned rates in Redis this limiter last saw
+        self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
+        self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
+        # Admission shared by the event loops of this process, once more than one uses this limiter
+        # (buckets are asyncio objects of one loop; the sync call_llm's loop and the program's must
+        # draw from one limit).
+        self._loops_share: LoopsShare | None = None
         self.configure(limits, defaults)
 
     def configure(self, limits: Limits, defaults: Limits) -> None:
@@ -300,6 +372,10 @@ class Limiter:
         self._tpm = _Rate(limits.tpm, defaults.tpm or 0, now)
         conc = limits.max_concurrency if limits.max_concurrency is not None else defaults.max_concurrency
         self.max_concurrency = int(conc or 0)
+        # A cap learned from 429s for concurrent requests, where the user set none (0: none learned).
+        self._learn_concurrency = limits.max_concurrency is None
+        self._in_flight = 0  # tickets out: requests let through and not yet released
+        self._since_cap = 0  # answers since the learned cap last moved
         self._version = getattr(self, "_version", 0) + 1
 
     # -- what the rest of the engine reads ---------------------------------------------------------
@@ -347,13 +423,29 @@ class Limiter:
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
-        if state is None or state.concurrency != self.max_concurrency:
+        if state is not None and state.concurrency != self.max_concurrency:
+            # The cap moved (learned, or configured again): a new semaphore, the buckets kept. Tickets
+            # release the semaphore they took.
+            state.concurrency = self.max_concurrency
+            if state.concurrency <= 0:
+                state.semaphore = None
+            elif state.semaphore is None:
+                state.semaphore = _Cap(state.concurrency)
+            else:
+                state.semaphore.set_limit(state.concurrency)
+        if state is None:
             state = self._loops[loop] = _LoopState(self.max_concurrency, loop)
+            # The sync call_llm's loop (llm.py) runs beside the program's: share from its first call, so
+            # no caller is already queued on a bucket of its own when the other loop starts.
+            sync_loop = threading.current_thread().name == "pocketbatch-sync"
+            live = sum(1 for other in self._loops if not other.is_closed())
+            if self._loops_share is None and (sync_loop or live > 1):
+                self._loops_share = LoopsShare()
         return state
 
     def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:
         """This loop's bucket for rpm or tpm, brought in line with the shared rate."""
-        rate = (self._rpm if which == "rpm" else self._tpm).rate
+        rate = (self._rpm if which == "rpm" else self._tpm).rate * self._share
         bucket: _Bucket | None = getattr(state, which)
         if rate == INF:
             if bucket is not None:
@@ -368,8 +460,20 @@ class Limiter:
             bucket.set_rate(rate, capacity, self._version)
         return bucket
 
-    def _changed(self) -> None:
+    def _changed(self, publish: str | None = "set") -> None:
+        """The rates changed: buckets catch up; with Redis, other processes learn it ("set": a
+        decrease or a reported limit; "grow": growth; None: nothing to tell, e.g. taken from Redis)."""
         self._version += 1
+        if publish and self.shared is not None and not self.shared.lost():
+            self._background(
+                self.shared.learned(
+                    self._epoch,
+                    publish,
+                    self._rpm.rate if self._rpm.learn else None,
+                    self._tpm.rate if self._tpm.learn else None,
+                    self._output_tokens,
+                )
+            )
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:  # told outside a loop: every loop catches up on its next acquire
@@ -389,14 +493,20 @@ class Limiter:
         semaphore = state.semaphore
         if semaphore is not None:
             await semaphore.acquire()
-        first_wave = None
+        first_wave, lease = None, None
         try:
+            if self.shared is not None and self.max_concurrency > 0 and not self.shared.lost():
+                lease = await self.shared.take_place(self.max_concurrency, settings().timeout)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
             chars = _chars(request)
             tokens = self._estimate(chars, request.max_tokens)
             while True:
                 await self._wait_pause()
+                if await self._reserve_shared(state, tokens):
+                    if self.paused_until <= time.monotonic():
+                        break
+                    continue
                 # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
                 # and requests it let out while they then waited for tokens would leave together.
                 if self._bucket(state, "tpm") is not None:
@@ -409,22 +519,108 @@ class Limiter:
                     self._rpm.queued = True
                 elif rpm is not None:
                     await rpm.acquire(1)
+                if self._loops_share is not None and self.shared is None:
+                    continue  # another loop started while this caller waited here: go through the share
                 if self.paused_until <= time.monotonic():
                     break
                 # A 429 paused the limiter while this caller waited in a bucket: going now would add to
                 # the burst at the end of the pause, so wait it out and queue again.
+            if semaphore is None and (late := self._state().semaphore) is not None:
+                # A cap was learned while this caller waited (it came in when there was none): take a
+                # place now, or callers already queued would all go past the new cap.
+                await late.acquire()
+                semaphore = late
         except BaseException:
             if semaphore is not None:
                 semaphore.release()
             if first_wave is not None:
                 self._leave_first_wave(first_wave)
+            if lease is not None and self.shared is not None:
+                self._background(self.shared.free_place(lease))
             raise
         now = time.monotonic()
+        self._in_flight += 1
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
-        if self.answered_at is not None and self._rpm.grow(now) | self._tpm.grow(now):
-            self._changed()  # no growth before the first answer: nothing is known about the rate yet
-        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave)
+        share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
+        if self.answered_at is not None and self._rpm.grow(now, share) | self._tpm.grow(now, share):
+            self._changed("grow")  # no growth before the first answer: nothing is known about the rate yet
+        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
+
+    async def _reserve_shared(self, state: _LoopState, tokens: int) -> bool:
+        """Admission through Redis; False when it is not configured or lost (then the local buckets
+        admit, at this process's share of the limit)."""
+        shared = self.shared
+        if shared is None:
+            if self._loops_share is None:
+                return False
+        elif shared.lost():
+            return False
+        async with state.shared_lock:
+            await self._wait_pause()
+            rpm, tpm = self._rpm.rate, self._tpm.rate
+            if shared is None:
+                reservation = await self._loops_share.reserve(
+                    rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens
+                )
+                if reservation.bound:
+                    (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
+                if reservation.wait > 0:
+                    await asyncio.sleep(reservation.wait)
+                return True
+            reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
+            if reservation is None:
+                if self._share == 1.0:
+                    self._share = shared.share()
+                    self._changed(None)
+                return False
+            if self._share != 1.0:
+                self._share = 1.0
+                self._changed(None)
+            self._epoch = reservation.epoch
+            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
+            if reservation.bound:  # demand: callers wait on this shared limit
+                (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
+            if reservation.wait > 0:
+                await asyncio.sleep(reservation.wait)
+        return True
+
+    def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
+        """Take on what another process learned and stored in Redis."""
+        now, changed = time.monotonic(), False
+        for rate, value in ((self._rpm, rpm), (self._tpm, tpm)):
+            if value is None or not rate.learn or math.isclose(value, rate.rate, rel_tol=1e-6):
+                continue
+            if value < rate.rate * (DECREASE + 1) / 2:
+                # Another process slowed down after a 429 (not just grew from an older value than
+                # ours): this episode is answered for us too.
+                rate.anchor = min(rate.anchor, rate.rate)
+                rate.slow_start = False
+                rate.decreased_at = now
+            rate.rate = min(value, rate.cap)
+            changed = True
+        if output_tokens is not None:
+            self._output_tokens = output_tokens
+        if changed:
+            self._changed(None)
+
+    def _apply_cap(self) -> None:
+        """Move this loop's concurrency cap to max_concurrency now (other loops on their next acquire)."""
+        try:
+            self._state()
+        except RuntimeError:  # told outside a loop
+            pass
+
+    def _background(self, coro) -> None:
+        """Run a write to Redis without making the caller wait for it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            coro.close()
+            return
+        task = loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _join_first_wave(self, state: _LoopState) -> _LoopState | None:
         """A place among the first FIRST_WAVE requests, or None once the first answer is in: until then a
@@ -465,10 +661,13 @@ class Limiter:
                 left -= part
 
     def release(self, ticket: Ticket) -> None:
+        self._in_flight -= 1
         if ticket.semaphore is not None:
             ticket.semaphore.release()
         if ticket.first_wave is not None:
             self._leave_first_wave(ticket.first_wave)
+        if ticket.lease is not None and self.shared is not None:
+            self._background(self.shared.free_place(ticket.lease))
 
     def _answered(self) -> None:
         """The provider answered (a reply or an HTTP error): the first wave is over in every loop."""
@@ -491,10 +690,24 @@ class Limiter:
         if usage.input_tokens and ticket.chars:
             ratio = usage.input_tokens / (ticket.chars / CHARS_PER_TOKEN)
             self._input_factor += _EMA * (min(4.0, max(0.25, ratio)) - self._input_factor)
+        if self._learn_concurrency and self.max_concurrency > 0:
+            self._since_cap += 1
+            if self._since_cap >= CONCURRENCY_GROWTH:  # additive increase of a learned cap ...
+                self._since_cap = 0
+                caps = [st.semaphore for st in self._loops.values() if st.semaphore is not None]
+                if any(cap.queued for cap in caps):  # ... when callers have been waiting for a place
+                    self.max_concurrency += 1
+                    for cap in caps:
+                        cap.queued = False
+                    self._apply_cap()
         if ticket.output_guess and usage.output_tokens:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
             self._reported(response.rate_limits)
+        if self.shared is not None and self._tpm.rate < INF and usage.input_tokens + usage.output_tokens:
+            # The token bucket took the estimate: move it by what the answer really used.
+            used = usage.input_tokens + usage.output_tokens
+            self._background(self.shared.correct(used - ticket.tokens, self._tpm.rate))
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
         known = self.answered_at is not None and ticket.sent_at >= self.answered_at
@@ -504,6 +717,16 @@ class Limiter:
             self._reported(error.rate_limits)
         if not (isinstance(error, RateLimitError) or error.status == 429) or not error.retryable:
             return  # exhausted quota (retryable False) is not a rate: slowing down would not help
+        if _for_concurrency(error):
+            # Too many requests at once, not too many a minute: cap what is in flight, leave the rate.
+            if self._learn_concurrency:
+                in_flight = self._in_flight  # this one included: released after on_error
+                cap = self.max_concurrency or in_flight
+                self.max_concurrency = max(1, min(cap, math.floor(in_flight * DECREASE)))
+                self._since_cap = 0
+                self._apply_cap()
+            self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+            return
         if not known:
             # Sent before anything came back: a start-up burst, or a window another client emptied.
             # Wait as told, but the rate this limiter sends at has not been tried yet.
@@ -512,12 +735,15 @@ class Limiter:
         now = time.monotonic()
         rl = error.rate_limits
         tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
+        # Shared through Redis, this process saw its part of what all of them sent and were admitted.
+        scale = self.shared.processes if self.shared is not None and not self.shared.lost() else 1
         changed = False
         if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
-            changed = self._tpm.decrease(now, ticket.sent_at, self._observed_tokens(now))
+            changed = self._tpm.decrease(now, ticket.sent_at, scale * self._observed_tokens(now))
         else:
-            admitted = _per_second(self._oks, now, self._rpm.round_seconds())
-            changed = self._rpm.decrease(now, ticket.sent_at, self._observed_requests(now), admitted)
+            admitted = scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            observed = scale * self._observed_requests(now)
+            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted)
         if changed:
             self._changed()
         # after the rate change, so the pause holds the bucket at its new rate
@@ -528,6 +754,8 @@ class Limiter:
         instead of each worker sleeping the same Retry-After and waking together."""
         seconds = min(max(seconds, 0.0) * (1 + PAUSE_MARGIN[0]) + PAUSE_MARGIN[1], MAX_PAUSE)
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+        if self.shared is not None and not self.shared.lost():
+            self._background(self.shared.pause(seconds))  # every process waits it out
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:
@@ -569,6 +797,20 @@ class Limiter:
         return f"<Limiter {self.key.provider}/{self.key.model} rpm={self.rpm:g} tpm={self.tpm:g}>"
 
 
+def _for_concurrency(error: LLMError) -> bool:
+    """A 429 for concurrent requests (Anthropic's and others' concurrency limits): it says so, or the
+    limits it reports still have room for requests and tokens."""
+    if "concurren" in str(error).lower():
+        return True
+    rl = error.rate_limits
+    return (
+        rl is not None
+        and rl.remaining_requests is not None
+        and rl.remaining_requests > 0
+        and (rl.remaining_tokens is None or rl.remaining_tokens > 0)
+    )
+
+
 def _per_second(times: deque[float], now: float, window: float = 1.0) -> float:
     """Events per second over the last `window` seconds (or since the first event, if sooner)."""
     if not times:
@@ -608,6 +850,12 @@ def limiter_for(provider: Provider, model: str) -> Limiter:
                 limiter = _registry[key] = Limiter(key, limits, defaults)
     elif limiter.config != (limits, defaults):
         limiter.configure(limits, defaults)  # the environment changed (config.reload())
+    url = settings().redis_url
+    if url is None:
+        limiter.shared = None
+    elif limiter.shared is None or limiter.shared.url != url:
+        check_reachable(url)  # a ConfigError naming POCKETBATCH_REDIS_URL, before any call
+        limiter.shared = SharedLimit(url, key.provider, key.model, key.key)
     return limiter
 
 

@@ -1,0 +1,379 @@
+"""One limit shared by every process on Redis (POCKETBATCH_REDIS_URL): the admission of requests and
+tokens, the pause after a 429, what was learned, and the concurrency cap of one (provider, model, key).
+
+- Admission is one Lua script per acquire: a GCRA in "reserve" mode for requests and for tokens, both
+  checked and taken together, that returns how long the caller waits before sending. Time is Redis's
+  own (`TIME`), so the clocks of the machines involved do not matter. Keys carry a hash tag `{...}` made
+  of a hash of (provider, model, key fingerprint), so one limiter's keys live on one Cluster slot.
+- A 429's pause is a time in Redis that every reservation starts after. Rates learned from headers or
+  429s and the learned output tokens are stored with a TTL (a stale value expires) and read back by
+  every reservation, so every process sends at the rate the last one learned.
+- The concurrency cap is a sorted set of leases that expire: a holder that dies frees its place.
+- Only hashes of keys and numbers are written: never an API key, never a prompt.
+
+When Redis stops answering mid-run, `SharedLimit.lost()` is True: the `Limiter` goes on with its local
+buckets at this process's share of the limit (the limit divided by the processes seen in the last
+PROCESS_WINDOW seconds), says so once at WARNING, and tries Redis again every RETRY_SECONDS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+import weakref
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+log = logging.getLogger("pocketbatch")
+
+PROCESS_WINDOW = 10.0  # seconds: a process that reserved within this window counts for the local share
+RETRY_SECONDS = 1.0  # while Redis is lost, try it again this often
+LEARNED_TTL = 600  # seconds a learned rate or output size lives in Redis without being written again
+LEASE_SECONDS = 60.0  # a concurrency lease expires this long after it was last renewed
+LEASE_POLL = 0.01  # seconds between tries for a concurrency place when the cap is reached
+IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
+
+# KEYS: requests tat, tokens tat, pause, processes, learned
+# ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
+#       0 = unlimited), token burst span (µs), tokens, process id
+# Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or "",
+#          learned epoch or "", what bound the wait: 0 nothing or the pause, 1 requests, 2 tokens}
+RESERVE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local send = now
+local bound = 0
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+if pause > send then send = pause end
+redis.call('ZADD', KEYS[4], now, ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - tonumber(ARGV[7]))
+redis.call('PEXPIRE', KEYS[4], 60000)
+local procs = redis.call('ZCARD', KEYS[4])
+local ri, rb = tonumber(ARGV[1]), tonumber(ARGV[2])
+local ti, tb, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local rtat, ttat = 0, 0
+if ri > 0 then
+  -- a fresh bucket starts paced: one request now, then the rate (not a burst at t=0)
+  rtat = tonumber(redis.call('GET', KEYS[1]) or tostring(now + rb - ri))
+  local at = rtat - rb + ri
+  if at > send then send = at; bound = 1 end
+end
+if ti > 0 then
+  ttat = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local at = ttat - tb + ti * tokens
+  if at > send then send = at; bound = 2 end
+end
+if ri > 0 then
+  local tat = math.max(rtat, send) + ri
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
+end
+if ti > 0 then
+  local tat = math.max(ttat, send) + ti * tokens
+  redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
+end
+local l = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out', 'epoch')
+return {string.format('%.0f', send - now), procs, l[1] or '', l[2] or '', l[3] or '', l[4] or '', bound}
+""".replace("IDLE", str(IDLE_MS))
+
+# KEYS: pause. ARGV: seconds (µs). Moves the shared pause to now + seconds unless it already ends later.
+PAUSE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local want = now + tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if want > cur then
+  redis.call('SET', KEYS[1], string.format('%.0f', want), 'PX', math.floor(tonumber(ARGV[1]) / 1000) + 1000)
+end
+return 1
+"""
+
+# KEYS: tokens tat. ARGV: µs to add (negative: the answer used fewer tokens than reserved).
+CORRECT = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+redis.call('SET', KEYS[1], string.format('%.0f', tonumber(cur) + tonumber(ARGV[1])), 'KEEPTTL')
+return 1
+"""
+
+# KEYS: leases. ARGV: cap, lease id, lease µs. Returns 1 when a place was taken.
+SEMAPHORE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) / 1000) + 1000)
+return 1
+"""
+
+# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", rpm, tpm, output ("" for none), TTL.
+# "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch; "grow" only raises, and
+# only within the epoch its writer knows, so a process growing from an old value never undoes a decrease.
+LEARN = """
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if ARGV[2] == 'set' then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'rpm', ARGV[3]) end
+  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'tpm', ARGV[4]) end
+elseif tonumber(ARGV[1]) == epoch then
+  for i, name in ipairs({'rpm', 'tpm'}) do
+    local new = ARGV[2 + i]
+    local old = redis.call('HGET', KEYS[1], name)
+    if new ~= '' and (not old or tonumber(new) > tonumber(old)) then
+      redis.call('HSET', KEYS[1], name, new)
+    end
+  end
+end
+if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'out', ARGV[5]) end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+return epoch
+"""
+
+_CHECKED: set[str] = set()
+
+
+def check_reachable(url: str) -> None:
+    """A ConfigError naming POCKETBATCH_REDIS_URL when Redis cannot be reached (once per URL)."""
+    if url in _CHECKED:
+        return
+    try:
+        import redis
+    except ImportError as exc:
+        raise ConfigError(
+            "POCKETBATCH_REDIS_URL is set but redis-py is not installed: pip install 'pocketbatch[redis]'"
+        ) from exc
+    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as exc:
+        raise ConfigError(f"POCKETBATCH_REDIS_URL={safe_url(url)}: Redis does not answer ({exc})") from exc
+    finally:
+        client.close()
+    _CHECKED.add(url)
+
+
+def safe_url(url: str) -> str:
+    """The URL without a password, for messages."""
+    if "@" in url:
+        scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+@dataclass
+class Reservation:
+    wait: float  # seconds to wait before sending
+    processes: int  # processes that reserved on this limit in the last PROCESS_WINDOW seconds
+    rpm: float | None  # learned rates (per second) and output tokens stored by any process, if any
+    tpm: float | None
+    output_tokens: float | None
+    epoch: int  # how many times a process set the learned rates (a decrease): growth stays within one
+    bound: str  # what made the caller wait: "" (nothing, or a pause), "rpm" or "tpm"
+
+
+class LoopsShare:
+    """The RESERVE script's arithmetic in one process, for a limiter used from several event loops at once
+    (the sync `call_llm` runs on its own loop while a program's parallel node runs on another): one GCRA
+    for requests and one for tokens, on time.monotonic, behind a thread lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rtat: float | None = None
+        self._ttat = 0.0
+
+    async def reserve(self, rpm: float, rpm_burst: float, tpm: float, tpm_burst: float, tokens: int):
+        with self._lock:
+            now = time.monotonic()
+            send, bound = now, ""
+            ri = 0.0 if rpm == math.inf else 1 / rpm
+            ti = 0.0 if tpm == math.inf else 1 / tpm
+            rb, tb = ri * rpm_burst, ti * tpm_burst
+            if ri:
+                rtat = self._rtat if self._rtat is not None else now + rb - ri  # paced start
+                if rtat - rb + ri > send:
+                    send, bound = rtat - rb + ri, "rpm"
+            if ti and self._ttat - tb + ti * tokens > send:
+                send, bound = self._ttat - tb + ti * tokens, "tpm"
+            if ri:
+                self._rtat = max(rtat, send) + ri
+            if ti:
+                self._ttat = max(self._ttat, send) + ti * tokens
+        return Reservation(send - now, 1, None, None, None, 0, bound)
+
+
+class SharedLimit:
+    """The Redis side of one limiter. Every method returns None (and marks the limit lost) when Redis
+    does not answer; the caller then goes on locally."""
+
+    def __init__(self, url: str, provider: str, model: str, key: str) -> None:
+        self.url = url
+        tag = hashlib.sha256(f"{provider}\0{model}\0{key}".encode()).hexdigest()[:20]
+        self.prefix = f"pocketbatch:{{{tag}}}:"
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, object] = (
+            weakref.WeakKeyDictionary()
+        )
+        self.lost_at: float | None = None  # time.monotonic() when Redis stopped answering
+        self._tried_at = 0.0
+        self.processes = 1  # the last count of processes seen sharing this limit
+        self._warned = False
+
+    def _key(self, name: str) -> str:
+        return self.prefix + name
+
+    def _client(self):
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.url,
+                socket_connect_timeout=1,
+                socket_timeout=2,
+                # No retries inside redis-py: a lost Redis must fall back at once, not stall every call.
+                retry=Retry(NoBackoff(), 0),
+            )
+            self._clients[loop] = client
+        return client
+
+    # -- lost and found -------------------------------------------------------------------------
+
+    def lost(self) -> bool:
+        """True while Redis is lost and not yet due for another try."""
+        return self.lost_at is not None and time.monotonic() - self._tried_at < RETRY_SECONDS
+
+    def share(self) -> float:
+        """This process's share of the limit while Redis is lost."""
+        return 1 / max(1, self.processes)
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._tried_at = now
+        if self.lost_at is None:
+            self.lost_at = now
+            if not self._warned:  # one WARNING per process: a flapping Redis does not flood the log
+                self._warned = True
+                log.warning(
+                    "POCKETBATCH_REDIS_URL=%s does not answer (%s): going on with a local limit at this "
+                    "process's share (1/%d) until it answers again",
+                    safe_url(self.url),
+                    type(exc).__name__,
+                    self.processes,
+                )
+
+    def _answered(self) -> None:
+        if self.lost_at is not None:
+            log.info("POCKETBATCH_REDIS_URL answers again: the limit is shared again")
+            self.lost_at = None
+
+    async def _run(self, script: str, keys: list[str], args: list):
+        import redis
+
+        self._tried_at = time.monotonic()
+        try:
+            result = await self._client().eval(script, len(keys), *keys, *args)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._failed(exc)
+            return None
+        self._answered()
+        return result
+
+    # -- admission ------------------------------------------------------------------------------
+
+    async def reserve(self, rpm: float, rpm_burst: float, tpm: float, tpm_burst: float, tokens: int):
+        """Reserve one request and `tokens` tokens at these rates (per second; math.inf = unlimited)
+        and bursts; a Reservation, or None when Redis is lost."""
+        ri = 0 if rpm == math.inf else 1e6 / rpm
+        ti = 0 if tpm == math.inf else 1e6 / tpm
+        keys = [self._key(k) for k in ("rpm", "tpm", "pause", "procs", "learned")]
+        args = [f"{ri:.3f}", f"{ri * rpm_burst:.0f}", f"{ti:.6f}", f"{ti * tpm_burst:.0f}", tokens]
+        result = await self._run(RESERVE, keys, [*args, self.process, f"{PROCESS_WINDOW * 1e6:.0f}"])
+        if result is None:
+            return None
+        wait, procs, learned_rpm, learned_tpm, out, epoch, bound = result
+        self.processes = int(procs)
+        return Reservation(
+            max(0.0, float(wait) / 1e6),
+            int(procs),
+            _num(learned_rpm),
+            _num(learned_tpm),
+            _num(out),
+            int(_num(epoch) or 0),
+            ("", "rpm", "tpm")[int(bound)],
+        )
+
+    async def pause(self, seconds: float) -> None:
+        """Every process's next reservation starts after `seconds` from now (Redis's now)."""
+        await self._run(PAUSE, [self._key("pause")], [f"{seconds * 1e6:.0f}"])
+
+    async def correct(self, tokens: int, tpm: float) -> None:
+        """The answer used `tokens` more (or fewer, when negative) than reserved: move the token
+        bucket by as much."""
+        if tpm == math.inf or not tokens:
+            return
+        await self._run(CORRECT, [self._key("tpm")], [f"{tokens * 1e6 / tpm:.0f}"])
+
+    async def learned(
+        self, epoch: int, how: str, rpm: float | None, tpm: float | None, output_tokens: float | None
+    ) -> None:
+        """Store what this process learned (per second), for every process, for LEARNED_TTL seconds:
+        `how` "set" after a decrease or a reported limit, "grow" after growth within `epoch`."""
+
+        def text(value: float | None) -> str:
+            return "" if value is None or value == math.inf else repr(value)
+
+        args = [epoch, how, text(rpm), text(tpm), text(output_tokens), LEARNED_TTL]
+        await self._run(LEARN, [self._key("learned")], args)
+
+    # -- the concurrency cap --------------------------------------------------------------------
+
+    async def take_place(self, cap: int, timeout: float) -> str | None:
+        """Wait for one of `cap` places across processes; the lease id, or None when Redis is lost
+        (the caller then relies on its local semaphore alone)."""
+        lease = uuid.uuid4().hex
+        seconds = max(LEASE_SECONDS, timeout + 5)
+        while True:
+            got = await self._run(SEMAPHORE, [self._key("leases")], [cap, lease, f"{seconds * 1e6:.0f}"])
+            if got is None:
+                return None
+            if int(got):
+                return lease
+            await asyncio.sleep(LEASE_POLL)
+
+    async def free_place(self, lease: str) -> None:
+        import redis
+
+        try:
+            await self._client().zrem(self._key("leases"), lease)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            self._failed(exc)  # the lease expires by itself
+
+    async def close(self) -> None:
+        """Close this loop's connection (tests, and loops about to end)."""
+        try:
+            client = self._clients.pop(asyncio.get_running_loop(), None)
+        except RuntimeError:
+            return
+        if client is not None:
+            await client.aclose()
+
+
+def _num(value) -> float | None:
+    if value in (None, b"", ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None

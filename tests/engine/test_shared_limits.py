@@ -1,0 +1,175 @@
+"""Limits shared through a real redis-server (POCKETBATCH_REDIS_URL): several processes, one limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pocketbatch import config
+from pocketbatch.engine import concurrent
+from pocketbatch.engine.limits import _rpm_capacity, limiter_for
+from pocketbatch.errors import ConfigError
+from pocketbatch.providers import LLMResponse
+
+from .conftest import FAST, ServerProvider, requests
+
+WORKER = Path(__file__).with_name("shared_worker.py")
+RPM = 1200  # 20 requests a second between all processes
+
+
+@pytest.fixture
+def redis_url(redis_server, monkeypatch):
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", redis_server.url)
+    config.reload()
+    return redis_server.url
+
+
+def run_workers(tmp_path: Path, url: str, n: int, *extra: list[str], **more: str) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    env.update(POCKETBATCH_REDIS_URL=url, POCKETBATCH_RPM=str(RPM), POCKETBATCH_JOURNAL="off", **more)
+    procs, outs = [], []
+    for i, args in enumerate(extra):
+        out = tmp_path / f"books{i}.json"
+        outs.append(out)
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(n), str(out), *args], env=env))
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    return [json.loads(out.read_text()) for out in outs]
+
+
+def max_in_window(times: list[float], seconds: float = 1.0) -> int:
+    times, best, lo = sorted(times), 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - seconds:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def test_two_processes_share_one_limit(tmp_path, redis_url):
+    books = run_workers(tmp_path, redis_url, 60, [], [])
+    assert [b["ok"] for b in books] == [60, 60]
+    hits = [t for b in books for t in b["hits"]]
+    # Each process alone would be allowed 20 a second; together they stay within one limit.
+    assert max_in_window(hits) <= RPM / 60 + _rpm_capacity(RPM / 60)
+
+
+def test_a_clock_30_s_ahead_in_one_process_changes_nothing(tmp_path, redis_url):
+    books = run_workers(tmp_path, redis_url, 60, [], ["--skew", "30"])
+    assert [b["ok"] for b in books] == [60, 60]
+    hits = [t for b in books for t in b["hits"]]
+    assert max_in_window(hits) <= RPM / 60 + _rpm_capacity(RPM / 60)
+    both = [max(b["hits"]) - min(b["hits"]) for b in books]
+    assert min(both) > 0  # both processes were sending during the run, interleaved in one limit
+
+
+async def test_a_429_seen_by_one_process_pauses_the_other(tmp_path, redis_url):
+    [books] = run_workers(tmp_path, redis_url, 1, ["--429", "30"], POCKETBATCH_MAX_RETRIES="1")
+    assert books["statuses"] == [429]
+    limiter = limiter_for(ServerProvider(), "m")  # this process: same provider, model and key
+    reservation = await limiter.shared.reserve(20.0, 4.0, float("inf"), 1.0, 1)
+    await limiter.shared.close()
+    assert reservation.processes == 2  # the other process and this one
+    assert 25 < reservation.wait <= 31  # Redis's own clock: the other process's pause holds here
+
+
+def test_unreachable_redis_at_start_up_is_a_config_error(monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    config.reload()
+    with pytest.raises(ConfigError, match="POCKETBATCH_REDIS_URL"):
+        asyncio.run(concurrent.call(ServerProvider(), requests(1)[0]))
+
+
+def test_a_url_that_is_not_redis_is_a_config_error(monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", "http://localhost:6379")
+    with pytest.raises(ConfigError, match="POCKETBATCH_REDIS_URL must be a Redis URL"):
+        config.reload()
+
+
+async def test_redis_killed_mid_run_then_restarted_loses_nothing(new_redis_server, monkeypatch, caplog):
+    server = new_redis_server()
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", server.url)
+    monkeypatch.setenv("POCKETBATCH_RPM", str(RPM))
+    config.reload()
+    provider = ServerProvider(latency=0.005)
+    n = 100
+
+    async def outage() -> None:
+        while len(provider.hits) < 20:
+            await asyncio.sleep(0.01)
+        server.stop()
+        while len(provider.hits) < 50:
+            await asyncio.sleep(0.01)
+        server.start()
+
+    caplog.set_level(logging.WARNING, logger="pocketbatch")
+    side = asyncio.ensure_future(outage())
+    # Few workers, so reservations are made along the run (a reservation made before the outage
+    # holds whatever happens to Redis after it).
+    results = await concurrent.run_all(provider, requests(n), policy=FAST, workers=4)
+    await side
+    limiter = limiter_for(provider, "m")
+    assert all(isinstance(r, LLMResponse) for r in results)
+    assert provider.count(200) == n
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "POCKETBATCH_REDIS_URL" in warnings[0].getMessage()
+    assert limiter.shared.lost_at is None  # back on Redis before the run ended
+    await limiter.shared.close()
+
+
+async def test_the_token_estimate_is_corrected_after_the_answer(redis_url):
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    shared = SharedLimit(redis_url, "p", "m", "tokens")
+    inf = float("inf")
+    assert (await shared.reserve(inf, 1, 100.0, 100.0, 100)).wait == 0  # a bucket of 100 tokens, full
+    second = await shared.reserve(inf, 1, 100.0, 100.0, 100)
+    assert 0.9 < second.wait <= 1.0 and second.bound == "tpm"  # a second of tokens to wait for
+    await shared.correct(-150, 100.0)  # both answers used 25 tokens, not 100
+    assert (await shared.reserve(inf, 1, 100.0, 100.0, 50)).wait < 0.1
+    await shared.close()
+
+
+async def test_a_rate_learned_by_one_process_is_taken_up_by_another(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+    from pocketbatch.errors import RateLimitError
+
+    def limiter():  # what each process has: its own limiter and connection, one key in Redis
+        made = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
+        made.shared = SharedLimit(redis_url, "p", "m", "")
+        return made
+
+    a, b = limiter(), limiter()
+    [request] = requests(1)
+    ticket = await a.acquire(request)
+    a.on_response(LLMResponse("ok"), ticket)
+    a.release(ticket)
+    ticket = await a.acquire(request)
+    a.on_error(RateLimitError("429", status=429, retry_after=0.0), ticket)
+    a.release(ticket)
+    await asyncio.gather(*a._tasks)
+    assert a.rpm < 600  # a 429 after the first answer: a learned decrease, stored in Redis
+    ticket = await b.acquire(request)
+    b.release(ticket)
+    assert b.rpm == pytest.approx(a.rpm)
+    await a.shared.close()
+    await b.shared.close()
