@@ -309,3 +309,30 @@ def test_without_redis_map_flow_warns_that_each_actor_keeps_its_own_limit(cluste
         UserWarning, match="each of the 3 actors keeps its own rate limit.*POCKETBATCH_REDIS_URL"
     ):
         map_flow(dataset(4, 2), make_flow, batch_size=2, actors=3)  # lazy: nothing runs
+
+
+async def test_a_sync_flow_runs_too():
+    import pyarrow as pa
+
+    from pocketbatch import BatchNode, Flow, call_llm
+
+    class SyncSummaries(BatchNode):
+        def prep(self, shared):
+            return [row["text"] for row in shared["rows"]]
+
+        def exec(self, text):
+            return call_llm(text, model="offline/offline-small")
+
+        def post(self, shared, prep_res, exec_res):
+            shared["results"] = exec_res
+
+    batch = pa.Table.from_pylist([{"id": i, "text": prompt(i)} for i in range(3)])
+    out = (await FlowRunner(lambda: Flow(start=SyncSummaries()))(batch)).to_pylist()
+    assert [r["text"] for r in out] == [expected_text(i) for i in range(3)]
+
+
+def test_the_core_never_imports_ray():
+    import subprocess
+
+    code = "import sys, pocketbatch, pocketbatch.cli; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -12,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RedisServer
 from pocketbatch import config
 from pocketbatch.engine import concurrent
 from pocketbatch.engine.limits import _rpm_capacity, limiter_for
@@ -22,6 +22,19 @@ from pocketbatch.providers import LLMResponse
 from .conftest import FAST, ServerProvider, requests
 
 WORKER = Path(__file__).with_name("shared_worker.py")
+
+
+def _root_conftest():
+    """The repository's conftest.py by its path: under the whole suite, `import conftest` may find the
+    conftest of another test folder (plugins/*/tests), which pytest registered under the same name."""
+    spec = importlib.util.spec_from_file_location("pocketbatch_root_conftest", ROOT / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ROOT = Path(__file__).resolve().parents[2]
+RedisServer = _root_conftest().RedisServer
 RPM = 1200  # 20 requests a second between all processes
 
 
@@ -87,7 +100,7 @@ async def test_a_429_seen_by_one_process_pauses_the_other(tmp_path, redis_url):
 
 
 def test_unreachable_redis_at_start_up_is_a_config_error(monkeypatch):
-    from conftest import _free_port
+    _free_port = _root_conftest()._free_port
 
     monkeypatch.setenv("POCKETBATCH_REDIS_URL", f"redis://127.0.0.1:{_free_port()}/0")
     config.reload()
