@@ -214,8 +214,8 @@ def test_an_actor_killed_mid_run_pays_for_no_job_twice(cluster, redis_url, monke
     check_batches(rows, 200)
     for row in rows:
         assert (row["text"], row["via"], row["error"]) == (expected_text(row["id"]), "batch", None)
-    # A batch ran twice (once on the killed actor, once after its restart) ...
-    assert len(ray.get(registry.all.remote())) == 4
+    # A batch ran again after its actor was killed (the killed actor may have held more than one) ...
+    assert len(ray.get(registry.all.remote())) >= 4
     # ... and its second run re-attached to the job of the first: one job per Ray batch, none twice.
     assert sorted(submitted(jobs)) == [list(range(b, b + 200)) for b in (0, 200, 400)]
     ray.kill(registry)
