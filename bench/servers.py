@@ -118,8 +118,8 @@ class _Server:
     `x-ratelimit-*` headers and `retry-after-ms` on a 429; "anthropic" serves POST /v1/messages with
     `anthropic-ratelimit-*` headers and a whole-second `retry-after`, as each API does."""
 
-    def __init__(self, flavor, rate, burst, latency, headers, max_requests):
-        self.flavor = flavor
+    def __init__(self, flavor, rate, burst, latency, headers, max_requests, echo=False):
+        self.flavor, self.echo = flavor, echo
         self.bucket = TokenBucket(rate, burst)
         self.rate, self.burst, self.latency, self.headers = rate, burst, latency, headers
         self.max_requests = max_requests
@@ -222,13 +222,16 @@ class _Server:
 
     def reply(self, request: dict) -> dict:
         n = self.books.requests
+        text = "ok"
+        if self.echo:  # "ok: " and the last message's text, so a client can tell which answer is whose
+            text = f"ok: {request['messages'][-1]['content']}"
         if self.flavor == "anthropic":
             return {
                 "id": f"msg_{n:06d}",
                 "type": "message",
                 "role": "assistant",
                 "model": request.get("model", "claude-haiku-4-5"),
-                "content": [{"type": "text", "text": "ok"}],
+                "content": [{"type": "text", "text": text}],
                 "stop_reason": "end_turn",
                 "stop_sequence": None,
                 "usage": {"input_tokens": 10, "output_tokens": 1},
@@ -241,7 +244,7 @@ class _Server:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "ok"},
+                    "message": {"role": "assistant", "content": text},
                     "finish_reason": "stop",
                     "logprobs": None,
                 }
@@ -250,9 +253,9 @@ class _Server:
         }
 
 
-def _serve(port_pipe, flavor, rate, burst, latency, headers, max_seconds, max_requests) -> None:
+def _serve(port_pipe, flavor, rate, burst, latency, headers, max_seconds, max_requests, echo=False) -> None:
     async def main() -> None:
-        app = _Server(flavor, rate, burst, latency, headers, max_requests)
+        app = _Server(flavor, rate, burst, latency, headers, max_requests, echo)
         server = await asyncio.start_server(app.handle, "127.0.0.1", 0, backlog=2048)
         port_pipe.send(server.sockets[0].getsockname()[1])
         port_pipe.close()
@@ -279,9 +282,10 @@ class LoopbackServer:
         headers: bool = False,
         max_seconds: float = 900,
         max_requests: int = 200_000,
+        echo: bool = False,
     ) -> None:
         self.flavor = flavor
-        self.args = (flavor, rate, burst, latency, headers, max_seconds, max_requests)
+        self.args = (flavor, rate, burst, latency, headers, max_seconds, max_requests, echo)
         self.process: multiprocessing.Process | None = None
         self.port = 0
 

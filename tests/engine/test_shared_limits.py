@@ -21,6 +21,8 @@ from pocketbatch.providers import LLMResponse
 from .conftest import FAST, ServerProvider, requests
 
 WORKER = Path(__file__).with_name("shared_worker.py")
+
+
 RPM = 1200  # 20 requests a second between all processes
 
 
@@ -173,3 +175,17 @@ async def test_a_rate_learned_by_one_process_is_taken_up_by_another(redis_url):
     assert b.rpm == pytest.approx(a.rpm)
     await a.shared.close()
     await b.shared.close()
+
+
+async def test_hundreds_of_callers_reserving_at_once_do_not_read_as_redis_lost(redis_url):
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    # A pool of 500 workers (3,000 RPM) reserves at once; redis-py's default pool refuses the 101st
+    # connection, which used to drop the process to a local limit at a full share.
+    limit = SharedLimit(redis_url, "p", "m", "k")
+    reservations = await asyncio.gather(
+        *(limit.reserve(1000.0, 5.0, float("inf"), 1.0, 1) for _ in range(300))
+    )
+    await limit.close()
+    assert all(r is not None for r in reservations)
+    assert limit.lost_at is None

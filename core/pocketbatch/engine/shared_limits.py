@@ -38,6 +38,7 @@ PROCESS_WINDOW = 10.0  # seconds: a process that reserved within this window cou
 RETRY_SECONDS = 1.0  # while Redis is lost, try it again this often
 LEARNED_TTL = 600  # seconds a learned rate or output size lives in Redis without being written again
 LEASE_SECONDS = 60.0  # a concurrency lease expires this long after it was last renewed
+POOL_CONNECTIONS = 32  # Redis connections per process and event loop; more callers wait for one
 LEASE_POLL = 0.01  # seconds between tries for a concurrency place when the cap is reached
 IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
 
@@ -238,13 +239,19 @@ class SharedLimit:
         loop = asyncio.get_running_loop()
         client = self._clients.get(loop)
         if client is None:
-            client = aioredis.Redis.from_url(
+            # A blocking pool: hundreds of workers reserve at once, and redis-py's default pool raises
+            # MaxConnectionsError past 100 connections, which would read as "Redis lost" and drop this
+            # process to a local limit at a full share. Waiting for a connection costs ~1 ms an eval.
+            pool = aioredis.BlockingConnectionPool.from_url(
                 self.url,
+                max_connections=POOL_CONNECTIONS,
+                timeout=2,
                 socket_connect_timeout=1,
                 socket_timeout=2,
                 # No retries inside redis-py: a lost Redis must fall back at once, not stall every call.
                 retry=Retry(NoBackoff(), 0),
             )
+            client = aioredis.Redis(connection_pool=pool)
             self._clients[loop] = client
         return client
 
