@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.genai import _common, types
 from google.genai import batches as genai_batches
+from google.genai import errors as genai_errors
 
 from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
 from pocketbatch.errors import LLMError, error_for_status
@@ -184,7 +185,10 @@ class GeminiBatch(BatchAPI):
                 model=model, src=src, config=types.CreateBatchJobConfig(display_name=display_name)
             )
         except SDK_ERRORS as e:
-            await self._delete(file_name)
+            # Refused with an answer: no job holds the file. No answer (a transport error): a job may
+            # hold it all the same, and `find` may follow that job, so the file stays (48 h at most).
+            if isinstance(e, genai_errors.APIError):
+                await self._delete(file_name)
             raise self._batch_error("creating the batch", e) from e
         assert job.name
         if file_name:

@@ -299,9 +299,12 @@ async def test_a_run_killed_while_its_job_runs_is_resumed_from_the_journal(
     assert journaled_states(journal_path) == ["collected"]
 
 
+@pytest.mark.parametrize("through", ["inline", "file"])
 async def test_a_lost_answer_to_the_create_call_is_found_by_its_display_name_one_job_in_all(
-    provider, gemini_emulator
+    provider, gemini_emulator, through
 ):
+    if through == "file":  # the input file is kept for the job the lost answer was about
+        provider.batch.inline_limit = 0
     gemini_emulator.fail_next(route="batches.create", lose_answer=True)
     prompts = [f"Summarise: text {i}" for i in range(4)]
     replies, _ = await ask(prompts, mode="batch")
