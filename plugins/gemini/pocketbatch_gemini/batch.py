@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.genai import _common, types
 from google.genai import batches as genai_batches
+from google.genai import errors as genai_errors
 
 from pocketbatch import BatchAPI, BatchError, BatchStatus, LLMRequest, LLMResponse, Usage
 from pocketbatch.errors import LLMError, error_for_status
@@ -47,6 +48,10 @@ _STATES = {
 # The Gemini API refuses a request body over 20 MB, so a batch's inline requests must stay under it;
 # above it they go as a JSONL file. Counted in decimal megabytes, with room for the envelope.
 INLINE_LIMIT = 19_000_000
+DISPLAY_NAME = "pocketbatch"  # a job's display_name: this, or "pocketbatch <tag>" for a tagged job
+# How much earlier than `since` a job found by `find` may say it was created: this machine's clock and
+# Google's may disagree by this much.
+CLOCK_MARGIN = 120.0
 
 
 class GeminiBatch(BatchAPI):
@@ -126,6 +131,33 @@ class GeminiBatch(BatchAPI):
 
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         """Start one job (inline requests, or a file above the inline limit); return the job's name."""
+        return await self._submit(items, DISPLAY_NAME)
+
+    async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
+        """`submit`, with the tag in the job's display_name ("pocketbatch <tag>") for `find`."""
+        return await self._submit(items, f"{DISPLAY_NAME} {tag}")
+
+    async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """The job whose display_name carries the tag, among those created no earlier than `since` less
+        CLOCK_MARGIN, walking every page of `batches.list` (Gemini documents no order for it); of
+        several, the oldest (the one closest to the lost create call)."""
+        wanted = f"{DISPLAY_NAME} {tag}"
+        found: list[tuple[float, str]] = []
+        try:
+            config = types.ListBatchJobsConfig(page_size=100)
+            pager = await self.provider.client().aio.batches.list(config=config)
+            async for job in pager:
+                if job.display_name != wanted or not job.name:
+                    continue
+                created = job.create_time.timestamp() if job.create_time else None
+                if created is not None and created < since - CLOCK_MARGIN:
+                    continue
+                found.append((created or 0.0, job.name))
+        except SDK_ERRORS as e:
+            raise self.provider_error(e) from e
+        return min(found)[1] if found else None
+
+    async def _submit(self, items: list[tuple[str, LLMRequest]], display_name: str) -> str:
         data = self.jsonl(items)
         client = self.provider.client()
         model = items[0][1].model
@@ -150,10 +182,13 @@ class GeminiBatch(BatchAPI):
             file_name = src = uploaded.name
         try:
             job = await client.aio.batches.create(
-                model=model, src=src, config=types.CreateBatchJobConfig(display_name="pocketbatch")
+                model=model, src=src, config=types.CreateBatchJobConfig(display_name=display_name)
             )
         except SDK_ERRORS as e:
-            await self._delete(file_name)
+            # Refused with an answer: no job holds the file. No answer (a transport error): a job may
+            # hold it all the same, and `find` may follow that job, so the file stays (48 h at most).
+            if isinstance(e, genai_errors.APIError):
+                await self._delete(file_name)
             raise self._batch_error("creating the batch", e) from e
         assert job.name
         if file_name:

@@ -17,6 +17,7 @@ the test. It needs the `testing` extra (`pip install pocketbatch-gemini[testing]
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import random
@@ -107,16 +108,20 @@ class Fault:
     retry_delay: float | None = None
     timeout: bool = False
     disconnect: bool = False
+    lose_answer: bool = False
 
 
 class GeminiEmulator:
     """A small in-memory Gemini API: generateContent, batches and files, with faults on request.
 
     State for assertions: `requests` (every request answered, in order), `calls` (a Counter per route:
-    "generate", "batches.create", "batches.get", "batches.cancel", "batches.delete", "files.upload",
+    "generate", "batches.create", "batches.get", "batches.list", "batches.cancel", "batches.delete",
+    "files.upload",
     "files.get", "files.download", "files.delete"), `bodies(route)`, `files` (name -> {"object",
     "content"}), `deleted_files`, `batches` (name -> the job as served), `batches_created`.
-    Knobs: `fail_next(n, status=429, route="generate", retry_delay=..., timeout=, disconnect=)`;
+    Knobs: `fail_next(n, status=429, route="generate", retry_delay=..., timeout=, disconnect=,
+    lose_answer=)` (`lose_answer=True`: the request is carried out, a job created, but the client sees
+    the connection drop before the answer); `list_page_size` (jobs per `batches.list` page at most);
     `error_keys` (lines that fail 400 INVALID_ARGUMENT), `server_error_keys` (500 INTERNAL);
     `expire_keys` (the job ends JOB_STATE_EXPIRED without those lines); `fail_batch(message)` (the next
     job ends JOB_STATE_FAILED); `polls_per_state` (get calls spent in PENDING and RUNNING, default 1);
@@ -150,6 +155,7 @@ class GeminiEmulator:
         self.thought_summary: str | None = None
         self.server_rpm: float = 0
         self.invalid_keys: set[str] = set()
+        self.list_page_size = 50
         self._routes: list[str] = []
         self._jobs: dict[str, _Job] = {}
         self._uploads: dict[str, dict[str, Any]] = {}
@@ -172,9 +178,13 @@ class GeminiEmulator:
         retry_delay: float | None = None,
         timeout: bool = False,
         disconnect: bool = False,
+        lose_answer: bool = False,
     ) -> None:
-        """The next n requests to `route` fail this way (then it answers normally again)."""
-        fault = Fault(status, message, retry_delay, timeout, disconnect)
+        """The next n requests to `route` fail this way (then it answers normally again).
+
+        `lose_answer=True`: the request is carried out (a job is created) but its answer never arrives:
+        the client sees the connection drop."""
+        fault = Fault(status, message, retry_delay, timeout, disconnect, lose_answer)
         self._faults.setdefault(route, []).extend([fault] * n)
 
     def fail_batch(self, message: str = "The batch could not be processed.") -> None:
@@ -256,6 +266,12 @@ class GeminiEmulator:
         self._routes.append(route)
         self.calls[route] += 1
         faults = self._faults.get(route)
+        if faults and faults[0].lose_answer and handler is not None:
+            import httpcore2
+
+            faults.pop(0)
+            handler(request, *args)
+            raise httpcore2.ReadError("emulated connection lost before the answer arrived")
         if faults:
             return self._fault(faults.pop(0))
         if handler is None:
@@ -279,6 +295,8 @@ class GeminiEmulator:
                 return "generate", self._generate, (model,)
             case "POST", ["models"], model, "batchGenerateContent":
                 return "batches.create", self._batch_create, (model,)
+            case "GET", [], "batches", "":
+                return "batches.list", self._batch_list, ()
             case "GET", ["batches"], batch_id, "":
                 return "batches.get", self._batch_get, (f"batches/{batch_id}",)
             case "POST", ["batches"], batch_id, "cancel":
@@ -448,6 +466,8 @@ class GeminiEmulator:
         if problem:
             return self._error(400, problem)
         name = f"batches/{next(self._ids)}-pb"
+        # The server's clock: `find` compares it with the client's.
+        now = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         job = {
             "name": name,
             "metadata": {
@@ -456,8 +476,8 @@ class GeminiEmulator:
                 "displayName": batch.get("displayName", ""),
                 "model": f"models/{model}",
                 "state": "BATCH_STATE_PENDING",
-                "createTime": "2026-12-02T00:00:00Z",
-                "updateTime": "2026-12-02T00:00:00Z",
+                "createTime": now,
+                "updateTime": now,
                 "batchStats": {"requestCount": str(len(lines)), "pendingRequestCount": str(len(lines))},
             },
             "done": False,
@@ -472,6 +492,19 @@ class GeminiEmulator:
             return self._error(404, f"Batch {name} not found.")
         self._advance(name)
         return self._response(200, self.batches[name])
+
+    def _batch_list(self, request: Any) -> Any:
+        """`GET /v1beta/batches`: the jobs newest first, `pageSize` (capped by list_page_size) a page,
+        with a `nextPageToken` while more remain."""
+        params = request.url.params
+        size = min(int(params.get("pageSize") or self.list_page_size), self.list_page_size)
+        start = int(params.get("pageToken") or 0)
+        names = list(reversed(self.batches))
+        page = [self.batches[name] for name in names[start : start + size]]
+        body: dict[str, Any] = {"operations": page}
+        if start + size < len(names):
+            body["nextPageToken"] = str(start + size)
+        return self._response(200, body)
 
     def _batch_cancel(self, request: Any, name: str) -> Any:
         if name not in self.batches:

@@ -259,3 +259,27 @@ async def test_an_unreadable_result_line_is_skipped_with_a_warning(provider, cap
     assert provider.batch._file_line("batches/1", "not json") is None
     assert provider.batch._file_line("batches/1", '{"no": "key"}') is None
     assert "skipped an unreadable result line" in caplog.text
+
+
+async def test_a_tagged_job_carries_its_tag_in_its_display_name_and_find_finds_it(
+    provider, gemini_emulator, make_request
+):
+    import time
+
+    batch = provider.batch
+    since = time.time()
+    gemini_emulator.list_page_size = 2  # the tagged job is on the second page of three
+    other = await batch.submit_tagged(items_for(make_request, ["x0", "x1"]), "r1-c0-other")
+    wanted = await batch.submit_tagged(items_for(make_request, ["a0", "a1"]), "r1-c0-wanted")
+    for n in range(4):
+        await batch.submit(items_for(make_request, [f"u{n}"]))
+    names = [b["metadata"]["displayName"] for b in gemini_emulator.batches.values()]
+    assert names[:2] == ["pocketbatch r1-c0-other", "pocketbatch r1-c0-wanted"]
+    assert set(names[2:]) == {"pocketbatch"}
+
+    assert await batch.find("r1-c0-wanted", items_for(make_request, ["a0", "a1"]), since) == wanted
+    assert await batch.find("r1-c0-other", items_for(make_request, ["x0", "x1"]), since) == other
+    assert gemini_emulator.calls["batches.list"] == 6  # three pages, walked to the end each time
+    assert await batch.find("r1-c0-missing", items_for(make_request, ["m0"]), since) is None
+    # A job created long before `since` (past the clock margin) is not the one looked for.
+    assert await batch.find("r1-c0-wanted", items_for(make_request, ["a0", "a1"]), since + 3600) is None

@@ -15,7 +15,7 @@ import pytest
 
 from pocketbatch import RequestError, Usage
 from pocketbatch.engine import events
-from pocketbatch.engine.batch import CancelPolicy, cancel_policy
+from pocketbatch.engine.batch import CancelPolicy, cancel_policy, chunk_tag
 from pocketbatch.engine.limits import limiter_for
 from pocketbatch.journal import journal
 from pocketbatch.testing import ask_each
@@ -45,16 +45,16 @@ def cost(input_tokens, output_tokens, factor=1.0):
 def lines_end(emulator, provider, **sets_by_prompt):
     """Put each prompt's custom_id in the emulator's error_keys, server_error_keys or expire_keys as the
     batch is submitted: the engine picks the ids, so they are only known then."""
-    submit = provider.batch.submit
+    submit_tagged = provider.batch.submit_tagged
 
-    async def submit_and_mark(items):
+    async def submit_and_mark(items, tag):
         for custom_id, request in items:
             which = sets_by_prompt.get(request.messages[-1]["content"])
             if which is not None:
                 getattr(emulator, which).add(custom_id)
-        return await submit(items)
+        return await submit_tagged(items, tag)
 
-    provider.batch.submit = submit_and_mark
+    provider.batch.submit_tagged = submit_and_mark
 
 
 async def test_a_small_round_goes_concurrent(provider, gemini_emulator, caplog):
@@ -297,3 +297,22 @@ async def test_a_run_killed_while_its_job_runs_is_resumed_from_the_journal(
     assert "re-attaching to batches/" in reasons[0]
     assert server.batches_created == 0 and server.calls["generate"] == 0  # nothing paid twice
     assert journaled_states(journal_path) == ["collected"]
+
+
+@pytest.mark.parametrize("through", ["inline", "file"])
+async def test_a_lost_answer_to_the_create_call_is_found_by_its_display_name_one_job_in_all(
+    provider, gemini_emulator, through
+):
+    if through == "file":  # the input file is kept for the job the lost answer was about
+        provider.batch.inline_limit = 0
+    gemini_emulator.fail_next(route="batches.create", lose_answer=True)
+    prompts = [f"Summarise: text {i}" for i in range(4)]
+    replies, _ = await ask(prompts, mode="batch")
+    assert replies == [f"Echo: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
+    assert gemini_emulator.batches_created == 1 and len(gemini_emulator.batches) == 1
+    assert gemini_emulator.calls["batches.list"] == 1  # looked up before creating again
+    assert gemini_emulator.bodies("generate") == []  # nothing ran concurrently
+    [job] = journal().jobs()
+    assert job.job_id in gemini_emulator.batches and journal().submissions(job.round) == []
+    [created] = gemini_emulator.batches.values()
+    assert created["metadata"]["displayName"] == f"pocketbatch {chunk_tag(job.round, job.custom_ids)}"

@@ -39,6 +39,17 @@ _NOT_RUN = {
 }
 
 
+@dataclass(frozen=True)
+class Listed:
+    """What `find` reads of a job in the server's list of jobs."""
+
+    id: str
+    created_at: float  # epoch seconds
+    total: int  # requests in the job; 0 where not known yet (validating) or not reported (Together)
+    input_file_id: str | None
+    file_size: int | None = None  # the input file's bytes where the listing gives them (Together)
+
+
 @dataclass
 class Job:
     """What the batch path reads of a job, whatever shape the server gives it (Together's differs)."""
@@ -144,7 +155,7 @@ class OpenAIBatch(BatchAPI):
         """The newest batch whose metadata carries the tag, among those created since `since` (less a
         margin for the two clocks), walking `GET /v1/batches` newest first."""
         if not self.tags_jobs:
-            return None
+            return await self._find_by_requests(items, since)
         client = self.provider.client()
         try:
             async for batch in client.batches.list(limit=100):
@@ -155,6 +166,39 @@ class OpenAIBatch(BatchAPI):
         except openai.OpenAIError as e:
             raise self.provider.translate_error(e) from e
         return None
+
+    async def _find_by_requests(self, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """For a server that keeps no tag (`tags_jobs` False): a job is told by its requests. It must have
+        been created no earlier than `since` less CLOCK_MARGIN, report as many requests as `items` where
+        it reports a count (a job still validating reports none), and have an input file of exactly the
+        size these items' file has (the lines are built the same way every time). Of several, the
+        oldest (the one closest to the lost create call) is taken."""
+        count, size = len(items), len(self.jsonl(items))
+        client = self.provider.client()
+        matches: list[tuple[float, str]] = []
+        try:
+            async for job in self._recent_jobs(client, since - CLOCK_MARGIN):
+                if job.total and job.total != count:
+                    continue
+                file_size = job.file_size
+                if file_size is None and job.input_file_id:
+                    try:
+                        file_size = (await client.files.retrieve(job.input_file_id)).bytes
+                    except openai.NotFoundError:  # deleted: the count alone must tell
+                        file_size = None
+                if file_size == size or (file_size is None and job.total == count):
+                    matches.append((job.created_at, job.id))
+        except openai.OpenAIError as e:
+            raise self.provider.translate_error(e) from e
+        return min(matches)[1] if matches else None
+
+    async def _recent_jobs(self, client: openai.AsyncOpenAI, after: float) -> AsyncIterator[Listed]:
+        """The jobs created at or after `after` (epoch seconds), from `GET /batches` (newest first)."""
+        async for batch in client.batches.list(limit=100):
+            if batch.created_at < after:
+                return
+            counts = batch.request_counts
+            yield Listed(batch.id, batch.created_at, counts.total if counts else 0, batch.input_file_id)
 
     async def _submit(self, items: list[tuple[str, LLMRequest]], metadata: dict[str, str] | None) -> str:
         data = self.jsonl(items)
@@ -169,7 +213,10 @@ class OpenAIBatch(BatchAPI):
             else:
                 batch_id = await self._create(client, file_id)
         except openai.OpenAIError as e:
-            await self._delete(file_id)
+            # Refused with an answer: no job holds the file. No answer (a lost connection, a timeout):
+            # a job may hold it all the same, and `find` may follow that job, so the file stays.
+            if isinstance(e, openai.APIStatusError) or not isinstance(e, openai.APIConnectionError):
+                await self._delete(file_id)
             raise self._batch_error("creating the batch", e) from e
         self._input_files[batch_id] = file_id
         return batch_id

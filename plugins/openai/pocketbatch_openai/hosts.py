@@ -7,8 +7,9 @@ and per-day request headers, and Together's own files endpoint, job shape and up
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, ClassVar
 
 import openai
@@ -16,7 +17,7 @@ import openai
 from pocketbatch import RateLimits
 
 from . import OpenAIProvider
-from .batch import ENDPOINT, Job, OpenAIBatch
+from .batch import ENDPOINT, Job, Listed, OpenAIBatch
 
 # -- Groq ---------------------------------------------------------------------------------------------
 
@@ -58,7 +59,9 @@ class GroqBatch(OpenAIBatch):
     """
 
     label = "Groq"
-    tags_jobs = False  # Groq's batch metadata is not documented: no tag, and no look-up by it
+    # Groq's batch metadata is not documented: no tag; `find` tells a job by its creation time, request
+    # count and input file size, from `GET /openai/v1/batches` (OpenAI's list, which Groq serves).
+    tags_jobs = False
     max_requests = 50_000
     max_bytes = 200_000_000  # Groq's 200 MB, in decimal megabytes
     completion_window = "24h"
@@ -154,7 +157,9 @@ class TogetherBatch(OpenAIBatch):
     """
 
     label = "Together"
-    tags_jobs = False  # Together's jobs take no metadata: no tag, and no look-up by it
+    # Together's jobs take no metadata: no tag; `find` tells a job by its creation time and input file
+    # size (`file_size_bytes`; Together's jobs report no request count), from `GET /batches`.
+    tags_jobs = False
     max_requests = 50_000
     max_bytes = 100_000_000  # Together's 100 MB per input file
     completion_window = "24h"  # Together's only window, a best-effort target
@@ -188,6 +193,24 @@ class TogetherBatch(OpenAIBatch):
     async def _job(self, client: openai.AsyncOpenAI, job_id: str) -> Job:
         return _together_job(await client.get(f"/batches/{job_id}", options=_AUTH, cast_to=object))
 
+    async def _recent_jobs(self, client: openai.AsyncOpenAI, after: float) -> AsyncIterator[Listed]:
+        """Together's `GET /batches`: a plain array of its jobs, `created_at` an ISO 8601 time."""
+        jobs = await client.get("/batches", options=_AUTH, cast_to=object)
+        if not isinstance(jobs, list):
+            raise openai.OpenAIError(f"Together sent a job list that is not a list: {str(jobs)[:200]}")
+        for job in jobs:
+            created = _timestamp(_field(job, "created_at"))
+            if created is None or created < after:
+                continue
+            size = job.get("file_size_bytes")
+            yield Listed(
+                str(_field(job, "id")),
+                created,
+                0,
+                job.get("input_file_id"),
+                size if isinstance(size, int) else None,
+            )
+
     async def _cancel(self, client: openai.AsyncOpenAI, job_id: str) -> str | None:
         job = await client.post(f"/batches/{job_id}/cancel", options=_AUTH, cast_to=object)
         return _together_job(job).input_file_id
@@ -198,6 +221,14 @@ def _field(obj: Any, name: str) -> Any:
     if not isinstance(obj, dict) or name not in obj:
         raise openai.OpenAIError(f"Together sent a reply without {name!r}: {str(obj)[:200]}")
     return obj[name]
+
+
+def _timestamp(value: Any) -> float | None:
+    """Epoch seconds of an ISO 8601 time ("2026-12-02T09:00:00Z"), or None when it is not one."""
+    try:
+        return datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _together_job(job: Any) -> Job:

@@ -16,6 +16,7 @@ The fixture sets OPENAI_API_KEY to a test key and removes OPENAI_BASE_URL for th
 
 from __future__ import annotations
 
+import datetime
 import email.parser
 import email.policy
 import itertools
@@ -522,7 +523,8 @@ class OpenAIEmulator:
             "request_counts": {"total": 0, "completed": 0, "failed": 0},
         }
         self.batches[batch_id] = batch
-        self._jobs[batch_id] = _Job(lines=lines, errors=errors)
+        file_size = len(self.files[file_id]["content"])
+        self._jobs[batch_id] = _Job(lines=lines, errors=errors, file_size=file_size)
         if self.flavor.together_jobs:
             return self._response(200, {"job": self.together_job(batch_id), "warning": ""})
         return self._response(200, batch)
@@ -556,11 +558,11 @@ class OpenAIEmulator:
             "id": batch_id,
             "user_id": "user-emulated",
             "input_file_id": batch["input_file_id"],
-            "file_size_bytes": len(self.files.get(batch["input_file_id"], {}).get("content", b"")),
+            "file_size_bytes": job.file_size,
             # Together documents no cancelling state: a job being cancelled is still in progress.
             "status": "IN_PROGRESS" if batch["status"] == "cancelling" else batch["status"].upper(),
             "job_deadline": "2026-12-03T00:00:00Z",
-            "created_at": "2026-12-02T00:00:00Z",
+            "created_at": _iso(batch["created_at"]),
             "endpoint": batch["endpoint"],
             "progress": 100.0 * done / len(job.lines) if job.lines else 0.0,
             "model_id": job.lines[0]["body"]["model"] if job.lines else None,
@@ -572,6 +574,8 @@ class OpenAIEmulator:
 
     def _batch_list(self, request: Any) -> Any:
         data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+        if self.flavor.together_jobs:  # Together's GET /batches: a plain array of its jobs
+            return self._response(200, [self.together_job(b["id"]) for b in data])
         return self._response(
             200,
             {
@@ -675,6 +679,7 @@ class _Job:
     lines: list[dict]
     errors: list[dict]
     polls: int = 0
+    file_size: int = 0  # bytes of the input file, as Together's jobs report them
 
 
 def _error_body(status: int, message: str | None = None) -> dict:
@@ -726,6 +731,11 @@ def _check_response_format(fmt: Any) -> str | None:
                         "properties."
                     )
     return None
+
+
+def _iso(epoch: float) -> str:
+    """An epoch time as Together writes its times: ISO 8601 in UTC with a Z."""
+    return datetime.datetime.fromtimestamp(epoch, datetime.UTC).isoformat().replace("+00:00", "Z")
 
 
 def _read_input(content: bytes) -> tuple[list[dict], list[dict]]:

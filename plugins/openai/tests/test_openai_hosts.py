@@ -312,3 +312,61 @@ async def test_groq_jobs_carry_no_metadata_tag(groq_emulator, register_provider,
     assert {r.via for r in replies} == {"batch"}
     [body] = groq_emulator.bodies("batches.create")
     assert "metadata" not in body  # undocumented on Groq: the job is submitted untagged
+
+
+# -- a lost answer to the create call, on hosts that keep no tag ---------------------------------------
+
+HOSTS = {
+    "groq": (GroqProvider, "groq/openai/gpt-oss-120b"),
+    "together": (TogetherProvider, "together/meta-llama/Llama-3.3-70B-Instruct-Turbo"),
+}
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_a_lost_answer_to_the_create_call_is_found_by_time_and_size_one_job_in_all(
+    host, request, register_provider, pocketbatch_env
+):
+    from pocketbatch.journal import journal
+
+    emulator = request.getfixturevalue(f"{host}_emulator")
+    pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
+    cls, model = HOSTS[host]
+    register_provider(strict(cls))
+    emulator.fail_next(route="batches.create", lose_answer=True)
+    prompts = [f"Summarise: text {i}" for i in range(4)]
+    replies, _ = await ask(prompts, model, mode="batch")
+    assert replies == [f"Echo: {p}" for p in prompts] and {r.via for r in replies} == {"batch"}
+    assert emulator.batches_created == 1 and len(emulator.batches) == 1
+    assert emulator.calls["batches.list"] == 1  # looked up before creating again
+    assert emulator.calls["chat"] == 0  # nothing ran concurrently
+    [job] = journal().jobs()
+    assert job.job_id in emulator.batches and journal().submissions(job.round) == []
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_find_tells_the_job_by_its_requests_not_by_time_alone(host, request):
+    import time
+
+    emulator = request.getfixturevalue(f"{host}_emulator")
+    cls, model = HOSTS[host]
+    batch = strict(cls).batch
+    model = model.split("/", 1)[1]
+    since = time.time()
+    items = [(f"c{i}", request_for(f"prompt {i}", model)) for i in range(3)]
+    other = await batch.submit([(f"c{i}", request_for(f"other prompt {i}", model)) for i in range(3)])
+    fewer = await batch.submit(items[:2])
+    wanted = await batch.submit(items)
+    assert len({other, fewer, wanted}) == 3
+    assert await batch.find("ignored", items, since) == wanted
+    assert await batch.find("ignored", items[:2], since) == fewer
+    assert await batch.find("ignored", [(f"c{i}", request_for("x", model)) for i in range(3)], since) is None
+    # Jobs created long before `since` (past the clock margin) are not looked at.
+    assert await batch.find("ignored", items, since + 3600) is None
+    if host == "groq":  # once validated, a job's request count is checked as well as its file's size
+        await batch.status(wanted)
+        assert emulator.batches[wanted]["request_counts"]["total"] == 3
+        assert await batch.find("ignored", items, since) == wanted
+
+
+def request_for(prompt, model):
+    return LLMRequest(messages=[{"role": "user", "content": prompt}], model=model)
