@@ -226,7 +226,7 @@ async def _close_at_end(clients: list[Any]) -> AsyncIterator[None]:
         yield
     finally:
         for client in clients:
-            close = getattr(client, "close", None) or getattr(client, "aclose", None)
+            close = getattr(client, "aclose", None) or getattr(client, "close", None)
             try:
                 await close()
             except Exception:  # closing is best effort: the loop is ending either way

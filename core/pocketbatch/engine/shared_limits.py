@@ -31,6 +31,7 @@ import weakref
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from ..providers import close_with_loop
 
 log = logging.getLogger("pocketbatch")
 
@@ -253,6 +254,7 @@ class SharedLimit:
             )
             client = aioredis.Redis(connection_pool=pool)
             self._clients[loop] = client
+            close_with_loop(client)  # its connections close with the loop, not at garbage collection
         return client
 
     # -- lost and found -------------------------------------------------------------------------
