@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .errors import ConfigError, LLMError
+from .errors import BatchError, ConfigError, LLMError
 
 VIA = ("concurrent", "batch")
 
@@ -144,12 +144,32 @@ class BatchStatus:
     raw: Any = None
 
 
+CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # Anthropic's rule; the engine's ids always match it
+
+
 class BatchAPI:
     """A provider's batch endpoint: one job for many requests, usually at half the price."""
 
     max_requests: int = 50_000
     max_bytes: int = 200 * 1024 * 1024
     price_factor: float = 0.5
+
+    @staticmethod
+    def check_line(custom_id: Any, request: LLMRequest, seen: set[str], model: str, one_model: str) -> None:
+        """What every batch API refuses of a line, as a BatchError (400) naming it: a custom_id outside
+        ^[a-zA-Z0-9_-]{1,64}$, one seen before in this job (`seen` grows), or a model other than the
+        job's; `one_model` says why a job holds one model."""
+        if not isinstance(custom_id, str) or not CUSTOM_ID.match(custom_id):
+            raise BatchError(f"custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$", status=400)
+        if custom_id in seen:
+            raise BatchError(f"custom_id {custom_id!r} appears twice in one batch", status=400)
+        seen.add(custom_id)
+        if request.model != model:
+            raise BatchError(
+                f"custom_id {custom_id!r} asks for {request.model!r} but this batch is for {model!r}: "
+                f"{one_model}",
+                status=400,
+            )
 
     def price_factor_for(self, model: str) -> float:
         """The price factor of `model`'s batch lines: `price_factor` unless the provider discounts only

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pocketbatch.gemini")
 
-_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _STATES = {
     "JOB_STATE_UNSPECIFIED": "running",
     "JOB_STATE_QUEUED": "running",
@@ -92,19 +90,7 @@ class GeminiBatch(BatchAPI):
         seen: set[str] = set()
         out = []
         for custom_id, request in items:
-            if not isinstance(custom_id, str) or not _CUSTOM_ID.match(custom_id):
-                raise BatchError(
-                    f"custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$", status=400
-                )
-            if custom_id in seen:
-                raise BatchError(f"custom_id {custom_id!r} appears twice in one batch", status=400)
-            seen.add(custom_id)
-            if request.model != model:
-                raise BatchError(
-                    f"custom_id {custom_id!r} asks for {request.model!r} but this batch is for {model!r}: "
-                    "a Gemini batch job runs one model",
-                    status=400,
-                )
+            self.check_line(custom_id, request, seen, model, "a Gemini batch job runs one model")
             try:
                 inlined = types.InlinedRequest(contents=to_contents(request), config=generate_config(request))
                 # The SDK's own converter, so a file line is the body the SDK would send inline.

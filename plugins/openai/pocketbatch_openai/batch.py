@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,6 @@ logger = logging.getLogger("pocketbatch.openai")
 ENDPOINT = "/v1/chat/completions"
 METADATA_KEY = "pocketbatch"  # the batch metadata key holding the engine's tag (its round and chunk)
 CLOCK_MARGIN = 600.0  # seconds: batches created this long before the run's own clock said are looked at
-_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _STATES = {
     "validating": "running",
     "in_progress": "running",
@@ -107,19 +105,7 @@ class OpenAIBatch(BatchAPI):
         seen: set[str] = set()
         model = items[0][1].model
         for custom_id, request in items:
-            if not isinstance(custom_id, str) or not _CUSTOM_ID.match(custom_id):
-                raise BatchError(
-                    f"custom_id {custom_id!r} does not match ^[a-zA-Z0-9_-]{{1,64}}$", status=400
-                )
-            if custom_id in seen:
-                raise BatchError(f"custom_id {custom_id!r} appears twice in one batch", status=400)
-            seen.add(custom_id)
-            if request.model != model:
-                raise BatchError(
-                    f"custom_id {custom_id!r} asks for {request.model!r} but this batch is for "
-                    f"{model!r}: a batch file holds one model",
-                    status=400,
-                )
+            self.check_line(custom_id, request, seen, model, "a batch file holds one model")
             if not request.messages or not all(isinstance(m, dict) and "role" in m for m in request.messages):
                 raise BatchError(
                     f"custom_id {custom_id!r} has no chat messages (a non-empty list of "
