@@ -157,7 +157,7 @@ async def test_failed_lines_retry_concurrently_and_final_errors_reach_the_node()
 
 
 async def test_deadline_cancels_keeps_partial_results_and_finishes_concurrently(pocketbatch_env, monkeypatch):
-    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "30")
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "36000")
     pocketbatch_env(POCKETBATCH_BATCH_DEADLINE="0.05", POCKETBATCH_POLL_INTERVAL="0.01",
                     POCKETBATCH_BATCH_MIN_ITEMS="10", POCKETBATCH_PROVIDER="offline")  # fmt: skip
     out = await run(Ask(), list(range(12)))

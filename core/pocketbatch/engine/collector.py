@@ -14,8 +14,9 @@ no answer) for POCKETBATCH_ROUND_TIMEOUT seconds flushes what it holds, and the 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -33,7 +34,7 @@ MAX_WORKERS = 4096
 _current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Call:
     """One request waiting for its answer, and the rounds (with their item) that count it as outstanding."""
 
@@ -43,6 +44,7 @@ class Call:
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     owners: list[tuple[Round, int]] = field(default_factory=list)
     note: str | None = None  # why it left its round early (the round timed out); on the decision line
+    work: _Work | None = None  # the task sending it, once its round was dispatched
 
     def settle(self, outcome: LLMResponse | BaseException) -> None:
         # Counts drop before any waiting item resumes, so the items of a finished batch job all count as
@@ -50,6 +52,9 @@ class Call:
         for round_, key in self.owners:
             round_.answered(key)
         self.owners.clear()
+        if isinstance(outcome, asyncio.CancelledError) and self.work is not None:
+            self.work.cancelled_one()
+            self.work = None
         if self.future.done():
             return
         if isinstance(outcome, asyncio.CancelledError):
@@ -79,23 +84,34 @@ class Round:
     def admit(self) -> None:
         self.live += 1
 
-    async def run(self, key: int, work: Awaitable[Any]) -> Any:
-        _current.set((self, key))  # the task's own context: siblings and the caller are untouched
+    def start(self, key: int, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """Run one item as a task whose calls join this round (a done callback must call `finished`)."""
+        # The task copies the context it is created in: the item's own, with no wrapping coroutine.
+        token = _current.set((self, key))
         try:
-            return await work
+            return asyncio.ensure_future(work)
         finally:
-            self.live -= 1
-            self.outstanding.pop(key, None)
-            self._progressed()
-            self._flush_if_ready()
+            _current.reset(token)
+
+    def finished(self, key: int) -> None:
+        self.live -= 1
+        self.outstanding.pop(key, None)
+        self._progressed()
+        self._flush_if_ready()
+
+    def submit(self, key: int, provider: Provider, request: LLMRequest, mode: str | None = None) -> Call:
+        """Hold one of the item's calls in the round; its future is the answer. `mode` overrides the
+        round's (schema re-asks go "concurrent" while still counting as the item's outstanding call).
+        Whoever awaits the future settles the call as cancelled if cancelled (see `call`)."""
+        call = Call(provider, request, mode or self.mode)
+        self.take(key, [call])
+        return call
 
     async def call(
         self, key: int, provider: Provider, request: LLMRequest, mode: str | None = None
     ) -> LLMResponse:
-        """The answer to one of the item's calls; `mode` overrides the round's (schema re-asks go
-        "concurrent" while still counting as the item's outstanding call)."""
-        call = Call(provider, request, mode or self.mode)
-        self.take(key, [call])
+        """The answer to one of the item's calls."""
+        call = self.submit(key, provider, request, mode)
         try:
             return await call.future
         except asyncio.CancelledError:
@@ -174,7 +190,7 @@ def dispatch(calls: list[Call]) -> None:
     for call in calls:
         groups.setdefault((call.provider.name, call.request.model, call.mode), []).append(call)
     for group in groups.values():
-        _cancel_with_calls(asyncio.ensure_future(_run_group(group)), group)
+        _Work(group)
 
 
 async def _run_group(group: list[Call]) -> None:
@@ -227,13 +243,14 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
     rate_workers = int(min(limiter.rpm, MAX_WORKERS * 6) / 6)
     workers = min(len(group), max(concurrent.DEFAULT_WORKERS, rate_workers))
     queue = iter(group)
+    sender = concurrent.Sender(provider, group[0].request.model)
 
     async def worker() -> None:
         for call in queue:  # one shared iterator: each worker takes the next call
             if call.future.done():  # its item was cancelled meanwhile
                 continue
             try:
-                call.settle(await concurrent.call(provider, call.request))
+                call.settle(await sender.send(call.request))
             except Exception as e:
                 call.settle(e)
 
@@ -243,18 +260,25 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
 _running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
 
 
-def _cancel_with_calls(task: asyncio.Future, calls: list[Call]) -> asyncio.Future:
-    """Cancel the work when every call it answers was cancelled (the items awaiting it are gone)."""
-    _running.add(task)
-    task.add_done_callback(_running.discard)
+class _Work:
+    """The task sending a group; cancelled when every call it answers was (the items awaiting it are
+    gone). Calls count themselves out (Call.settle), not by a callback on each future: one callback
+    a call was a fifth of a concurrent round's bookkeeping."""
 
-    def on_call_done(_: asyncio.Future) -> None:
-        if all(c.future.cancelled() for c in calls) and not task.done():
-            task.cancel()
+    __slots__ = ("left", "task")
 
-    for call in calls:
-        call.future.add_done_callback(on_call_done)
-    return task
+    def __init__(self, group: list[Call]) -> None:
+        self.left = len(group)
+        for call in group:
+            call.work = self
+        self.task = asyncio.ensure_future(_run_group(group))
+        _running.add(self.task)
+        self.task.add_done_callback(_running.discard)
+
+    def cancelled_one(self) -> None:
+        self.left -= 1
+        if self.left == 0 and not self.task.done():
+            self.task.cancel()
 
 
 async def map_parallel(
@@ -273,20 +297,28 @@ async def map_parallel(
     # for a slot is not live, or the round would wait for it forever.
     round_ = Round(0 if limit else len(items), mode, dispatch)
     results: list[Any] = [None] * len(items)
-    running: set[asyncio.Task[Any]] = set()
+    running: dict[asyncio.Task[Any], int] = {}  # item task -> its index
     failures: list[BaseException] = []
     slots = asyncio.Semaphore(limit) if limit else None
+    settled = asyncio.get_running_loop().create_future()  # the first failure, or the last item done
+    # One context for every item's done callback, not a copy each (add_done_callback's default): the
+    # callbacks read no context variable of their own, and a round they flush dispatches its calls
+    # with this caller's event listeners.
+    here = contextvars.copy_context()
+    started = 0
 
-    def finished(index: int, task: asyncio.Task[Any]) -> None:
-        running.discard(task)
+    def finished(task: asyncio.Task[Any]) -> None:
+        index = running.pop(task)
+        round_.finished(index)
         if slots:
             slots.release()
-        if task.cancelled():
-            return
-        if (exc := task.exception()) is not None:
-            failures.append(exc)
-        else:
-            results[index] = task.result()
+        if not task.cancelled():
+            if (exc := task.exception()) is not None:
+                failures.append(exc)
+            else:
+                results[index] = task.result()
+        if (failures or (not running and started == len(items))) and not settled.done():
+            settled.set_result(None)
 
     try:
         for index, item in enumerate(items):
@@ -298,11 +330,12 @@ async def map_parallel(
                 break
             if slots:
                 round_.admit()
-            task = asyncio.create_task(round_.run(index, fn(item)))
-            running.add(task)
-            task.add_done_callback(lambda t, i=index: finished(i, t))
-        while running and not failures:
-            await asyncio.wait(running, return_when=asyncio.FIRST_EXCEPTION)
+            task = round_.start(index, fn(item))
+            running[task] = index
+            started += 1
+            task.add_done_callback(finished, context=here)
+        if running and not failures:
+            await settled
     finally:
         for task in running:
             task.cancel()
