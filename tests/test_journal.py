@@ -49,6 +49,8 @@ def test_outcomes_round_trip_through_json():
     assert (back, back.usage, back.via, back.cost_usd) == ("hi", Usage(2, 3), "batch", 0.1)
     cached = LLMResponse("hi", usage=Usage(9, 1, cache_read_tokens=5, cache_write_tokens=2))
     assert decode(json.loads(json.dumps(encode(cached)))).usage == cached.usage
+    one_hour = LLMResponse("hi", usage=Usage(9, 1, 5, 2, cache_write_1h_tokens=1))
+    assert decode(json.loads(json.dumps(encode(one_hour)))).usage == one_hour.usage
     err = decode(encode(RequestError("bad", status=400)))
     assert isinstance(err, RequestError) and err.status == 400 and not err.retryable
 

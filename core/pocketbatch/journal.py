@@ -387,10 +387,13 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
 
 
 def _usage(usage: Usage) -> list[int]:
-    """[input, output], and the cache counts when there are any (older entries have two numbers)."""
+    """[input, output], then the cache counts when there are any, then the 1-hour cache writes when
+    there are any: Usage's fields in order, so older entries (two or four numbers) still read."""
     counts = [usage.input_tokens, usage.output_tokens]
     if usage.cache_read_tokens or usage.cache_write_tokens:
         counts += [usage.cache_read_tokens, usage.cache_write_tokens]
+    if usage.cache_write_1h_tokens:
+        counts += [usage.cache_write_1h_tokens]
     return counts
 
 

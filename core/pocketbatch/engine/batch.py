@@ -27,7 +27,7 @@ from typing import Any
 from .. import journal as journals
 from ..config import settings
 from ..errors import BatchError, LLMError, TransientError
-from ..providers import LLMRequest, LLMResponse, Provider, Usage, usd
+from ..providers import CachePrice, LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
 from .retry import with_retries
@@ -167,7 +167,7 @@ class BatchRound:
         self.calls, self.key = calls, key  # by custom_id
         self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
         # model -> (provider.price(model), provider.cache_price(model))
-        self._prices: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
+        self._prices: dict[str, tuple[tuple[float, float] | None, CachePrice | None]] = {}
         self.journal = journals.journal()
         self.settings = settings()
 
