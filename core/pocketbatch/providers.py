@@ -207,7 +207,11 @@ class BatchAPI:
         """The id of a job created for exactly these items at or after `since` (epoch seconds, this
         machine's clock) whose id never reached the journal: the answer to the create call was lost, or
         the process died before writing it down. None when there is none, or when the API cannot tell.
-        The engine asks before it submits the same items again. The default finds nothing."""
+        The engine asks before it submits the same items again. The default finds nothing.
+
+        Raise BatchError when several jobs could be this one and nothing tells them apart, saying what
+        the user should check: the engine then neither follows one nor submits again (either could pay
+        twice); the items' calls fail with that error and the chunk's "submitting" row stays."""
         return None
 
 
