@@ -482,14 +482,18 @@ def redis_journal_url(redis_server):
     return redis_server.url
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_both_journals_keep_the_same_things(kind, tmp_path, request):
+def open_store(kind, tmp_path, request):
+    """A journal of either kind: SQLite in tmp_path, or Redis at the test server."""
     from pocketbatch.redis_journal import RedisJournal
 
     if kind == "redis":
-        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
-    else:
-        store = Journal(tmp_path / "j.sqlite3")
+        return RedisJournal(request.getfixturevalue("redis_journal_url"))
+    return Journal(tmp_path / "j.sqlite3")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_both_journals_keep_the_same_things(kind, tmp_path, request):
+    store = open_store(kind, tmp_path, request)
     assert not store.knows("round-a") and not store.has_jobs("offline", "m") and store.jobs() == []
     store.add_job("job-1", "round-a", "offline", "m", ["a", "b"])
     store.add_job("job-2", "round-b", "offline", "m", ["c"])
@@ -523,12 +527,7 @@ def test_both_journals_keep_the_same_things(kind, tmp_path, request):
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_both_journals_keep_submitting_rows_and_prune_alike(kind, tmp_path, request):
-    from pocketbatch.redis_journal import RedisJournal
-
-    if kind == "redis":
-        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
-    else:
-        store = Journal(tmp_path / "j.sqlite3")
+    store = open_store(kind, tmp_path, request)
     started = store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"])
     assert store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"]) == started
     assert store.knows("round-s") and store.has_jobs("offline", "m")
@@ -559,12 +558,7 @@ def test_both_journals_keep_submitting_rows_and_prune_alike(kind, tmp_path, requ
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_a_dry_run_prune_says_exactly_what_the_real_one_deletes(kind, tmp_path, request):
-    from pocketbatch.redis_journal import RedisJournal
-
-    if kind == "redis":
-        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
-    else:
-        store = Journal(tmp_path / "j.sqlite3")
+    store = open_store(kind, tmp_path, request)
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )

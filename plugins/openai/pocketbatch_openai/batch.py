@@ -222,9 +222,14 @@ class OpenAIBatch(BatchAPI):
         if not file_id:
             return None, None
         try:
-            file = await client.files.retrieve(file_id)
+            return await self._file_name_and_size(client, file_id)
         except openai.NotFoundError:
             return None, None
+
+    async def _file_name_and_size(
+        self, client: openai.AsyncOpenAI, file_id: str
+    ) -> tuple[str | None, int | None]:
+        file = await client.files.retrieve(file_id)
         return file.filename, file.bytes
 
     async def _recent_jobs(self, client: openai.AsyncOpenAI, after: float) -> AsyncIterator[Listed]:

@@ -214,16 +214,11 @@ class TogetherBatch(OpenAIBatch):
                 _TOGETHER_STATES.get(str(job.get("status")).upper(), "in_progress"),
             )
 
-    async def _input_file(
-        self, client: openai.AsyncOpenAI, file_id: str | None
+    async def _file_name_and_size(
+        self, client: openai.AsyncOpenAI, file_id: str
     ) -> tuple[str | None, int | None]:
         """Together's `GET /files/{id}` (its file object is not OpenAI's: purpose `batch-api`)."""
-        if not file_id:
-            return None, None
-        try:
-            file = await client.get(f"/files/{file_id}", options=_AUTH, cast_to=object)
-        except openai.NotFoundError:
-            return None, None
+        file = await client.get(f"/files/{file_id}", options=_AUTH, cast_to=object)
         file = file if isinstance(file, dict) else {}
         name, size = file.get("filename"), file.get("bytes")
         return (name if isinstance(name, str) else None), (size if isinstance(size, int) else None)

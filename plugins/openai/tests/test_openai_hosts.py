@@ -322,16 +322,22 @@ HOSTS = {
 }
 
 
-@pytest.mark.parametrize("host", HOSTS)
-async def test_a_lost_answer_to_the_create_call_is_found_by_time_and_size_one_job_in_all(
-    host, request, register_provider, pocketbatch_env
-):
-    from pocketbatch.journal import journal
-
+def serve(host, request, register_provider, pocketbatch_env):
+    """The host's emulator and provider, polled quickly; (the emulator, the model to ask)."""
     emulator = request.getfixturevalue(f"{host}_emulator")
     pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
     cls, model = HOSTS[host]
     register_provider(strict(cls))
+    return emulator, model
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_a_lost_answer_to_the_create_call_is_found_by_its_files_name_one_job_in_all(
+    host, request, register_provider, pocketbatch_env
+):
+    from pocketbatch.journal import journal
+
+    emulator, model = serve(host, request, register_provider, pocketbatch_env)
     emulator.fail_next(route="batches.create", lose_answer=True)
     prompts = [f"Summarise: text {i}" for i in range(4)]
     replies, _ = await ask(prompts, model, mode="batch")
@@ -378,10 +384,7 @@ async def test_two_rounds_of_the_same_size_close_together_are_told_apart_by_thei
 ):
     from pocketbatch.journal import journal
 
-    emulator = request.getfixturevalue(f"{host}_emulator")
-    pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
-    cls, model = HOSTS[host]
-    register_provider(strict(cls))
+    emulator, model = serve(host, request, register_provider, pocketbatch_env)
     first = [f"Summarise: text {i}" for i in range(4)]
     second = [f"Summarise: text {i}" for i in range(4, 8)]  # as many requests, the same bytes
     replies, _ = await ask(first, model, mode="batch")
