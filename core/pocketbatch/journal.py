@@ -363,9 +363,13 @@ class Pruned:
 
 
 def _record_bytes(db: sqlite3.Connection, table: str, where: str) -> int:
-    """Bytes of the rows of `table` that `where` selects, every column counted as its text."""
+    """Bytes of the rows of `table` that `where` selects: a number's 8, a text's own bytes."""
     columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
-    total = " + ".join(f"COALESCE(LENGTH(CAST({column} AS BLOB)), 0)" for column in columns)
+    total = " + ".join(
+        f"CASE typeof({c}) WHEN 'null' THEN 0 WHEN 'real' THEN 8 WHEN 'integer' THEN 8"
+        f" ELSE LENGTH(CAST({c} AS BLOB)) END"
+        for c in columns
+    )
     return db.execute(f"SELECT COALESCE(SUM({total}), 0) FROM {table} {where}").fetchone()[0]
 
 
