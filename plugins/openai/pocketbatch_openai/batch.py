@@ -205,10 +205,10 @@ class OpenAIBatch(BatchAPI):
             ids = ", ".join(job_id for _, job_id in sorted(alike))
             raise BatchError(
                 f"{len(alike)} {self.label} batch jobs ({ids}) may hold the {count:,} requests of batch "
-                f"chunk {tag}, whose create call got no answer: each was created after that call began, "
-                f"with an input file of the same size ({size:,} bytes) not named {name}. pocketbatch "
-                f"cannot tell which "
-                f"(if any) is this chunk's, so it neither follows one nor submits the requests again. "
+                f"chunk {tag}, whose create call got no answer: each was created since shortly before "
+                f"that call, with an input file of the same size ({size:,} bytes) not named {name}. "
+                "pocketbatch cannot tell which (if any) is this chunk's, so it neither follows one nor "
+                "submits the requests again. "
                 f"Check the jobs' input files at {self.label}: this chunk's holds custom_id {items[0][0]}. "
                 "Cancel the jobs that are not this chunk's (to have the requests sent again, cancel them "
                 "all), then run again."
