@@ -43,9 +43,9 @@ def test_providers_json_shows_each_price_table_and_its_date():
     env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
     done = subprocess.run([str(BIN), "providers", "--json"], env=env, capture_output=True, text=True)
     rows = {p["name"]: p for p in json.loads(done.stdout)}  # a real process loads the installed plugins
-    assert rows["anthropic"]["prices_date"] == "2026-11-25" and rows["openai"]["prices_date"] == "2025-08"
+    assert rows["anthropic"]["prices_date"] == "2026-11-25" and rows["openai"]["prices_date"] == "2026-12-02"
     assert rows["anthropic"]["prices"]["claude-haiku-4-5"] == [1.0, 5.0]
-    assert rows["anthropic"]["cache_prices"]["claude-haiku-4-5"] == [0.1, 1.25]
+    assert rows["anthropic"]["cache_prices"]["claude-haiku-4-5"] == [0.1, 1.25, 2.0]  # 1h writes: 2x
     assert rows["openai"]["prices"]["gpt-4o-mini"] == [0.15, 0.6]
 
 

@@ -18,7 +18,7 @@ from pocketbatch import BatchError, LLMResponse, RequestError, TransientError, U
 from pocketbatch.default_plugins.offline import OfflineBatch
 from pocketbatch.engine import events
 from pocketbatch.engine.batch import CancelPolicy, cancel_policy
-from pocketbatch.journal import Journal, decode, encode, journal
+from pocketbatch.journal import Journal, decode, encode, journal, lease_holder
 from pocketbatch.testing import FakeBatch, FakeProvider, ask_each
 
 BIN = Path(sys.executable).parent / "pocketbatch"
@@ -49,6 +49,8 @@ def test_outcomes_round_trip_through_json():
     assert (back, back.usage, back.via, back.cost_usd) == ("hi", Usage(2, 3), "batch", 0.1)
     cached = LLMResponse("hi", usage=Usage(9, 1, cache_read_tokens=5, cache_write_tokens=2))
     assert decode(json.loads(json.dumps(encode(cached)))).usage == cached.usage
+    one_hour = LLMResponse("hi", usage=Usage(9, 1, 5, 2, cache_write_1h_tokens=1))
+    assert decode(json.loads(json.dumps(encode(one_hour)))).usage == one_hour.usage
     err = decode(encode(RequestError("bad", status=400)))
     assert isinstance(err, RequestError) and err.status == 400 and not err.retryable
 
@@ -418,12 +420,14 @@ async def test_prune_deletes_old_ended_rounds_and_keeps_recent_and_running_ones(
     age(running, 40)
 
     dry = prune("--dry-run")
-    assert re.match(r"would prune 1 round last used before [-0-9]+ [:0-9]+ \(1 job, 1 results\)", dry)
+    assert re.match(
+        r"would prune 1 round last used before [-0-9]+ [:0-9]+ \(1 job, 1 results, [0-9]+ bytes", dry
+    )
     assert "kept 1 with jobs still running" in dry
     assert len(journal().jobs()) == 3  # a dry run deletes nothing
 
     done = prune("--older-than", "30d")
-    pruned = r"pruned 1 round last used before .* \(1 job, 1 results\); kept 1 .*\nfreed [0-9.,]+ .*B"
+    pruned = r"pruned 1 round last used before .* \(1 job, 1 results, .* of records\); kept 1 .*\nfreed "
     assert re.match(pruned, done)
     assert {job.round for job in journal().jobs()} == {recent, running}
     assert journal().outcomes(old) == {} and journal().outcomes(recent) != {}
@@ -478,14 +482,18 @@ def redis_journal_url(redis_server):
     return redis_server.url
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_both_journals_keep_the_same_things(kind, tmp_path, request):
+def open_store(kind, tmp_path, request):
+    """A journal of either kind: SQLite in tmp_path, or Redis at the test server."""
     from pocketbatch.redis_journal import RedisJournal
 
     if kind == "redis":
-        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
-    else:
-        store = Journal(tmp_path / "j.sqlite3")
+        return RedisJournal(request.getfixturevalue("redis_journal_url"))
+    return Journal(tmp_path / "j.sqlite3")
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_both_journals_keep_the_same_things(kind, tmp_path, request):
+    store = open_store(kind, tmp_path, request)
     assert not store.knows("round-a") and not store.has_jobs("offline", "m") and store.jobs() == []
     store.add_job("job-1", "round-a", "offline", "m", ["a", "b"])
     store.add_job("job-2", "round-b", "offline", "m", ["c"])
@@ -519,12 +527,7 @@ def test_both_journals_keep_the_same_things(kind, tmp_path, request):
 
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_both_journals_keep_submitting_rows_and_prune_alike(kind, tmp_path, request):
-    from pocketbatch.redis_journal import RedisJournal
-
-    if kind == "redis":
-        store = RedisJournal(request.getfixturevalue("redis_journal_url"))
-    else:
-        store = Journal(tmp_path / "j.sqlite3")
+    store = open_store(kind, tmp_path, request)
     started = store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"])
     assert store.start_submission("round-s", "round-s-0", "offline", "m", ["a", "b"]) == started
     assert store.knows("round-s") and store.has_jobs("offline", "m")
@@ -550,6 +553,42 @@ def test_both_journals_keep_submitting_rows_and_prune_alike(kind, tmp_path, requ
     assert store.job("job-old") is None and store.outcomes("round-old") == {}
     assert not store.knows("round-old") and store.job("job-s") is not None
     assert done.size_after <= done.size_before
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_a_dry_run_prune_says_exactly_what_the_real_one_deletes(kind, tmp_path, request):
+    store = open_store(kind, tmp_path, request)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead = f"{socket.gethostname()}:{gone.stdout.strip()}:x"  # a run that died holding its lease
+    # A round whose run died after taking its lease, before any job (no submitting row left either);
+    store.touch("round-dead", "offline", "m")
+    assert store.acquire("round-dead", dead)
+    # one that ended and was collected, its lease also left by a dead run;
+    store.add_job("job-old", "round-old", "offline", "m", ["x", "y"])
+    store.save_outcomes("round-old", {"x": LLMResponse("done"), "y": LLMResponse("done too")}, "job-old")
+    store.set_state("job-old", "collected")
+    store.touch("round-old", "offline", "m")
+    assert store.acquire("round-old", dead)
+    # and one a live run holds, which stays.
+    store.touch("round-live", "offline", "m")
+    assert store.acquire("round-live", lease_holder())
+    later = time.time() + 3600
+    dry = store.prune(later, dry_run=True)
+    done = store.prune(later)
+    assert (dry.rounds, dry.jobs, dry.outcomes, dry.kept) == (
+        done.rounds,
+        done.jobs,
+        done.outcomes,
+        done.kept,
+    )
+    assert (done.rounds, done.jobs, done.outcomes, done.kept) == (2, 1, 2, 1)
+    assert dry.records_bytes == done.records_bytes > 0
+    assert store.job("job-old") is None and not store.knows("round-old") and store.outcomes("round-old") == {}
+    again = store.prune(later, dry_run=True)
+    assert (again.rounds, again.kept, again.records_bytes) == (0, 1, 0)  # only the live run's round is left
     store.close()
 
 

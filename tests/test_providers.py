@@ -13,6 +13,7 @@ from pocketbatch import (
     Usage,
 )
 from pocketbatch.errors import error_for_status
+from pocketbatch.providers import usd
 
 
 class Priced(Provider):
@@ -48,6 +49,16 @@ def test_prices_match_dated_snapshots_longest_key_first():
     assert p.price("gpt-4o-2024-08-06") == (2.5, 10.0)
     assert p.price("gpt-4o-audio") is None  # another model, not a snapshot
     assert p.cost("gpt-4o-mini", Usage(1_000_000, 1_000_000), factor=0.5) == pytest.approx(0.375)
+
+
+def test_cache_writes_cost_their_own_rate_and_one_hour_writes_theirs_where_priced():
+    usage = Usage(1_000_000, 0, cache_write_tokens=300_000, cache_write_1h_tokens=100_000)
+    price = (1.0, 5.0)
+    # 700k uncached at $1, 200k 5-minute writes at $1.25, 100k 1-hour writes at $2
+    assert usd(usage, price, cache=(0.1, 1.25, 2.0)) == pytest.approx(0.7 + 0.25 + 0.2)
+    # A (read, write) pair, as plugins written before the 1-hour rate give: every write at $1.25
+    assert usd(usage, price, cache=(0.1, 1.25)) == pytest.approx(0.7 + 0.375)
+    assert (Usage(1, 0, 0, 2, 1) + Usage(1, 0, 0, 3, 2)).cache_write_1h_tokens == 3
 
 
 def test_missing_key_names_the_variable(monkeypatch):

@@ -280,9 +280,10 @@ def batches_prune(older_than: str, dry_run: bool) -> None:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cutoff))
     what = (
         f"{done.rounds:,} round{'s' if done.rounds != 1 else ''} last used before {when} "
-        f"({done.jobs:,} job{'s' if done.jobs != 1 else ''}, {done.outcomes:,} results)"
+        f"({done.jobs:,} job{'s' if done.jobs != 1 else ''}, {done.outcomes:,} results, "
+        f"{_bytes(done.records_bytes)} of records)"
     )
-    kept = f"; kept {done.kept:,} with jobs still running or undelivered" if done.kept else ""
+    kept = f"; kept {done.kept:,} with jobs still running or undelivered, or in use" if done.kept else ""
     click.echo(f"{'would prune' if dry_run else 'pruned'} {what}{kept}")
     if dry_run:
         click.echo(f"the journal is {_bytes(done.size_before)}: {store.path}")

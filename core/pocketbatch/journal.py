@@ -79,6 +79,7 @@ INSERT OR IGNORE INTO rounds
 """
 
 OPEN_STATES = ("running", "cancelling")  # the provider may still deliver: re-attach
+PRUNED = ("outcomes", "jobs", "leases", "rounds")  # the tables a pruned round's records are deleted from
 
 
 @dataclass
@@ -289,40 +290,56 @@ class Journal:
         """Delete the rounds last used before `before` (epoch seconds), with their jobs and outcomes,
         then give the space back to the file system. Never a round with a job the provider may still
         run or deliver (running, cancelling, ended and not collected), a create call whose job id was
-        never written down, or a run holding its lease."""
-        states = ", ".join(f"'{state}'" for state in (*OPEN_STATES, "ended"))
-        old = """MAX(r.last_used, COALESCE(
-                (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
-            )) < :before"""
-        held = f"""(EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN ({states}))
-            OR EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
-            OR EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round))"""
-        eligible = f"SELECT r.round FROM rounds r WHERE {old} AND NOT {held}"
-        kept_query = f"SELECT COUNT(*) FROM rounds r WHERE {old} AND {held}"
-        args = {"before": before}
+        never written down, or a run holding its lease. A dry run selects the same rounds, with the
+        same function, and deletes nothing."""
         size_before = self.size()
         with self._tx() as db:
-            # A lease left by a run that died holds nothing (as in acquire): it does not keep its round.
-            stale = [row for row in db.execute("SELECT round, holder, since FROM leases") if _stale(*row[1:])]
-            if not dry_run:
-                db.executemany("DELETE FROM leases WHERE round = ? AND holder = ?", [r[:2] for r in stale])
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_rounds (round TEXT PRIMARY KEY)")
-            db.execute("DELETE FROM prune_rounds")
-            db.execute(f"INSERT INTO prune_rounds {eligible}", args)
-            rounds = db.execute("SELECT COUNT(*) FROM prune_rounds").fetchone()[0]
+            dead_leases, kept = self._select_prunable(db, before)
             where = "WHERE round IN (SELECT round FROM prune_rounds)"
+            rounds = db.execute("SELECT COUNT(*) FROM prune_rounds").fetchone()[0]
             jobs = db.execute(f"SELECT COUNT(*) FROM jobs {where}").fetchone()[0]
             outcomes = db.execute(f"SELECT COUNT(*) FROM outcomes {where}").fetchone()[0]
-            kept = db.execute(kept_query, args).fetchone()[0]
+            records = sum(_record_bytes(db, table, where) for table in PRUNED)
             if not dry_run:
-                for table in ("outcomes", "jobs", "leases", "rounds"):
+                db.executemany("DELETE FROM leases WHERE round = ? AND holder = ?", dead_leases)
+                for table in PRUNED:
                     db.execute(f"DELETE FROM {table} {where}")
             db.execute("DELETE FROM prune_rounds")
         if not dry_run and rounds:
             with self.lock:
                 self.db.execute("VACUUM")  # the freed pages go back to the file system
                 self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return Pruned(rounds, jobs, outcomes, kept, size_before, self.size())
+        return Pruned(rounds, jobs, outcomes, kept, size_before, self.size(), records)
+
+    def _select_prunable(self, db: sqlite3.Connection, before: float) -> tuple[list[tuple[str, str]], int]:
+        """Fill the temp table prune_rounds with the rounds a prune deletes; return the leases it clears
+        (left by runs that died: they hold nothing, as in `acquire`) and how many old rounds it keeps.
+        The one selection of both the dry run and the real prune, so that one says what the other does."""
+        dead = [
+            (r, holder) for r, holder, since in db.execute("SELECT * FROM leases") if _stale(holder, since)
+        ]
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS dead_leases (round TEXT, holder TEXT)")
+        db.execute("DELETE FROM dead_leases")
+        db.executemany("INSERT INTO dead_leases VALUES (?, ?)", dead)
+        states = ", ".join(f"'{state}'" for state in (*OPEN_STATES, "ended"))
+        old = """MAX(r.last_used, COALESCE(
+                (SELECT MAX(COALESCE(j.ended_at, j.submitted_at)) FROM jobs j WHERE j.round = r.round), 0
+            )) < :before"""
+        held = f"""(EXISTS (SELECT 1 FROM jobs j WHERE j.round = r.round AND j.state IN ({states}))
+            OR EXISTS (SELECT 1 FROM submissions s WHERE s.round = r.round)
+            OR EXISTS (SELECT 1 FROM leases l WHERE l.round = r.round AND NOT EXISTS (
+                SELECT 1 FROM dead_leases d WHERE d.round = l.round AND d.holder = l.holder)))"""
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS prune_rounds (round TEXT PRIMARY KEY)")
+        db.execute("DELETE FROM prune_rounds")
+        db.execute(
+            f"INSERT INTO prune_rounds SELECT r.round FROM rounds r WHERE {old} AND NOT {held}",
+            {"before": before},
+        )
+        kept = db.execute(
+            f"SELECT COUNT(*) FROM rounds r WHERE {old} AND {held}", {"before": before}
+        ).fetchone()[0]
+        db.execute("DELETE FROM dead_leases")
+        return dead, kept
 
     def size(self) -> int:
         """Bytes on disk: the database and its write-ahead log."""
@@ -340,6 +357,20 @@ class Pruned:
     kept: int  # rounds old enough that were kept: a job may still run or deliver, or a run holds them
     size_before: int  # bytes
     size_after: int
+    # Bytes of the records deleted (or that would be): the same on a dry run and the real prune, where
+    # the file's own shrinking (size_before - size_after) is only known once it has happened.
+    records_bytes: int = 0
+
+
+def _record_bytes(db: sqlite3.Connection, table: str, where: str) -> int:
+    """Bytes of the rows of `table` that `where` selects: a number's 8, a text's own bytes."""
+    columns = [row[1] for row in db.execute(f"PRAGMA table_info({table})")]
+    total = " + ".join(
+        f"CASE typeof({c}) WHEN 'null' THEN 0 WHEN 'real' THEN 8 WHEN 'integer' THEN 8"
+        f" ELSE LENGTH(CAST({c} AS BLOB)) END"
+        for c in columns
+    )
+    return db.execute(f"SELECT COALESCE(SUM({total}), 0) FROM {table} {where}").fetchone()[0]
 
 
 def lease_holder() -> str:
@@ -387,10 +418,13 @@ def encode(outcome: LLMResponse | BaseException) -> dict[str, Any]:
 
 
 def _usage(usage: Usage) -> list[int]:
-    """[input, output], and the cache counts when there are any (older entries have two numbers)."""
+    """[input, output], then the cache counts when there are any, then the 1-hour cache writes when
+    there are any: Usage's fields in order, so older entries (two or four numbers) still read."""
     counts = [usage.input_tokens, usage.output_tokens]
     if usage.cache_read_tokens or usage.cache_write_tokens:
         counts += [usage.cache_read_tokens, usage.cache_write_tokens]
+    if usage.cache_write_1h_tokens:
+        counts += [usage.cache_write_1h_tokens]
     return counts
 
 

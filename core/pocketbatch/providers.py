@@ -9,7 +9,7 @@ import threading
 import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import BatchError, ConfigError, LLMError
 
@@ -20,12 +20,17 @@ VIA = ("concurrent", "batch")
 class Usage:
     """Tokens one reply used. `input_tokens` counts every input token, cached or not (as OpenAI's
     prompt_tokens does); `cache_read_tokens` and `cache_write_tokens` say how many of them were read
-    from or written to the provider's prompt cache, which it bills at their own rates."""
+    from or written to the provider's prompt cache, which it bills at their own rates.
+    `cache_write_1h_tokens` says how many of the writes went to a longer-lived cache (Anthropic's
+    1-hour cache), which costs more to write than the default one (its 5 minutes)."""
 
     input_tokens: int = 0
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    # Added later, after the fields above (a Usage is built positionally from journal rows): a part
+    # of cache_write_tokens, never more.
+    cache_write_1h_tokens: int = 0
 
     def __add__(self, other: Usage) -> Usage:
         return Usage(
@@ -33,6 +38,7 @@ class Usage:
             self.output_tokens + other.output_tokens,
             self.cache_read_tokens + other.cache_read_tokens,
             self.cache_write_tokens + other.cache_write_tokens,
+            self.cache_write_1h_tokens + other.cache_write_1h_tokens,
         )
 
 
@@ -201,7 +207,11 @@ class BatchAPI:
         """The id of a job created for exactly these items at or after `since` (epoch seconds, this
         machine's clock) whose id never reached the journal: the answer to the create call was lost, or
         the process died before writing it down. None when there is none, or when the API cannot tell.
-        The engine asks before it submits the same items again. The default finds nothing."""
+        The engine asks before it submits the same items again. The default finds nothing.
+
+        Raise BatchError when several jobs could be this one and nothing tells them apart, saying what
+        the user should check: the engine then neither follows one nor submits again (either could pay
+        twice); the items' calls fail with that error and the chunk's "submitting" row stays."""
         return None
 
 
@@ -264,25 +274,37 @@ def same_model(name: str, base: str) -> bool:
     return name == base or (name.startswith(base) and _SNAPSHOT.fullmatch(name[len(base) :]) is not None)
 
 
+# USD per million (cache read, cache write) tokens, or (cache read, cache write, 1-hour cache write) for
+# a provider whose longer-lived cache costs more to write (Anthropic); a pair prices every write alike.
+CachePrice = tuple[float, float] | tuple[float, float, float]
+
+
 def usd(
     usage: Usage,
     price: tuple[float, float] | None,
     factor: float = 1.0,
-    cache: tuple[float, float] | None = None,
+    cache: CachePrice | None = None,
 ) -> float | None:
     """What usage costs at a price in USD per million (input, output) tokens, and `cache` per million
-    (cache read, cache write) tokens; None without a price. Without a cache price, cached tokens cost
-    what other input tokens do (what the bill said before providers priced caching)."""
+    (cache read, cache write[, 1-hour cache write]) tokens; None without a price. Without a cache
+    price, cached tokens cost what other input tokens do (what the bill said before providers priced
+    caching); without a 1-hour write price, 1-hour writes cost what other writes do."""
     if price is None:
         return None
     total = usage.input_tokens * price[0] + usage.output_tokens * price[1]
     if cache is not None and (usage.cache_read_tokens or usage.cache_write_tokens):
+        write_1h = min(usage.cache_write_1h_tokens, usage.cache_write_tokens)
+        write_1h_price = cache[2] if len(cache) > 2 else cache[1]
         total += usage.cache_read_tokens * (cache[0] - price[0])
-        total += usage.cache_write_tokens * (cache[1] - price[0])
+        total += (usage.cache_write_tokens - write_1h) * (cache[1] - price[0])
+        total += write_1h * (write_1h_price - price[0])
     return total * factor / 1_000_000
 
 
-def _match(table: dict[str, tuple[float, float]], model: str) -> tuple[float, float] | None:
+_Price = TypeVar("_Price")
+
+
+def _match(table: dict[str, _Price], model: str) -> _Price | None:
     matches = [k for k in table if same_model(model, k)]
     return table[max(matches, key=len)] if matches else None
 
@@ -299,9 +321,10 @@ class Provider:
     max_concurrency: ClassVar[int] = 0
     prices: ClassVar[dict[str, tuple[float, float]]] = {}
     # Added later (the defaults keep older plugins working): USD per million (cache read, cache write)
-    # tokens by model, matched as `prices` is; and the day the price tables were checked ("2026-11-25"),
-    # shown by `pocketbatch providers`.
-    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {}
+    # tokens by model, matched as `prices` is, with a third number where 1-hour cache writes cost more
+    # (CachePrice); and the day the price tables were checked ("2026-11-25"), shown by `pocketbatch
+    # providers`.
+    cache_prices: ClassVar[dict[str, CachePrice]] = {}
     prices_date: ClassVar[str | None] = None
     batch: BatchAPI | None = None
     # True: the provider sends LLMRequest.schema as its own structured-output parameter. False (any
@@ -338,8 +361,9 @@ class Provider:
         """USD per million (input, output) tokens; a key matches the model or a dated snapshot of it."""
         return _match(self.prices, model)
 
-    def cache_price(self, model: str) -> tuple[float, float] | None:
-        """USD per million (cache read, cache write) tokens, matched as `price` is; None if unknown."""
+    def cache_price(self, model: str) -> CachePrice | None:
+        """USD per million (cache read, cache write[, 1-hour cache write]) tokens, matched as `price`
+        is; None if unknown."""
         return _match(self.cache_prices, model)
 
     def cost(self, model: str, usage: Usage, factor: float = 1.0) -> float | None:

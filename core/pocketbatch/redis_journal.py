@@ -178,9 +178,40 @@ class RedisJournal:
     def prune(self, before: float, *, dry_run: bool = False) -> Pruned:
         """Delete the rounds last used before `before`, with their jobs and outcomes, under the SQLite
         journal's rules: never a round whose job may still run or deliver, with a submitting row, or
-        with a live lease (a lease left by a dead run holds nothing)."""
+        with a live lease (a lease left by a dead run holds nothing). A dry run selects the same
+        rounds, with the same function, and deletes nothing."""
         size_before = self.size()
-        rounds = jobs = outcomes = kept = 0
+        prunable, dead_leases, kept = self._select_prunable(before)
+        jobs = sum(len(round_jobs) for _, round_jobs in prunable)
+        outcomes = sum(self.db.hlen(f"{PREFIX}outcomes:{round}") for round, _ in prunable)
+        records = sum(
+            self.db.memory_usage(key) or 0
+            for round, round_jobs in prunable
+            for key in self._keys(round, round_jobs)
+        )
+        if not dry_run:
+            for lease_key, lease in dead_leases:
+                self.db.eval(RELEASE, 1, lease_key, lease)
+            for round, round_jobs in prunable:
+                with self.db.pipeline(transaction=True) as pipe:
+                    for job in round_jobs:
+                        pipe.zrem(f"{PREFIX}jobs", job.job_id)
+                    keys = self._keys(round, round_jobs)
+                    if keys:
+                        pipe.delete(*keys)
+                    pipe.zrem(f"{PREFIX}rounds", round)
+                    pipe.execute()
+        return Pruned(len(prunable), jobs, outcomes, kept, size_before, self.size(), records)
+
+    def _select_prunable(
+        self, before: float
+    ) -> tuple[list[tuple[str, list[Job]]], list[tuple[str, str]], int]:
+        """The rounds a prune deletes (with their jobs), the leases it clears (left by runs that died:
+        they hold nothing, as in `acquire`) and how many old rounds it keeps. The one selection of
+        both the dry run and the real prune, so that one says what the other does."""
+        prunable: list[tuple[str, list[Job]]] = []
+        dead_leases: list[tuple[str, str]] = []
+        kept = 0
         for round in self.db.zrangebyscore(f"{PREFIX}rounds", "-inf", f"({before}"):
             round_jobs = self.jobs(round)
             last = max(
@@ -192,8 +223,7 @@ class RedisJournal:
             lease_key = f"{PREFIX}lease:{round}"
             lease = self.db.get(lease_key)
             if lease and stale_lease(*json.loads(lease)):
-                if not dry_run:
-                    self.db.eval(RELEASE, 1, lease_key, lease)
+                dead_leases.append((lease_key, lease))
                 lease = None
             held = (
                 any(j.state in (*OPEN_STATES, "ended") for j in round_jobs)
@@ -202,19 +232,15 @@ class RedisJournal:
             )
             if held:
                 kept += 1
-                continue
-            rounds, jobs = rounds + 1, jobs + len(round_jobs)
-            outcomes += self.db.hlen(f"{PREFIX}outcomes:{round}")
-            if dry_run:
-                continue
-            with self.db.pipeline(transaction=True) as pipe:
-                for job in round_jobs:
-                    pipe.delete(self._job_key(job.job_id))
-                    pipe.zrem(f"{PREFIX}jobs", job.job_id)
-                pipe.delete(f"{PREFIX}round-jobs:{round}", f"{PREFIX}outcomes:{round}", lease_key)
-                pipe.zrem(f"{PREFIX}rounds", round)
-                pipe.execute()
-        return Pruned(rounds, jobs, outcomes, kept, size_before, self.size())
+            else:
+                prunable.append((round, round_jobs))
+        return prunable, dead_leases, kept
+
+    def _keys(self, round: str, round_jobs: list[Job]) -> list[str]:
+        """The keys that hold a round's own records (its jobs, its job index, outcomes and lease)."""
+        keys = [self._job_key(job.job_id) for job in round_jobs]
+        keys += [f"{PREFIX}round-jobs:{round}", f"{PREFIX}outcomes:{round}", f"{PREFIX}lease:{round}"]
+        return [key for key in keys if self.db.exists(key)]
 
     def size(self) -> int:
         """Bytes the journal's keys take in Redis (MEMORY USAGE of each)."""

@@ -27,7 +27,7 @@ from typing import Any
 from .. import journal as journals
 from ..config import settings
 from ..errors import BatchError, LLMError, TransientError
-from ..providers import LLMRequest, LLMResponse, Provider, Usage, usd
+from ..providers import CachePrice, LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
 from .retry import with_retries
@@ -152,6 +152,14 @@ def chunks(
     return out
 
 
+class _CannotTell(Exception):
+    """`BatchAPI.find` found several jobs that could be a chunk's and could not tell which."""
+
+    def __init__(self, error: BatchError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class BatchRound:
     """One group of calls (one provider, one model) on its way through batch jobs."""
 
@@ -167,7 +175,7 @@ class BatchRound:
         self.calls, self.key = calls, key  # by custom_id
         self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
         # model -> (provider.price(model), provider.cache_price(model))
-        self._prices: dict[str, tuple[tuple[float, float] | None, tuple[float, float] | None]] = {}
+        self._prices: dict[str, tuple[tuple[float, float] | None, CachePrice | None]] = {}
         self.journal = journals.journal()
         self.settings = settings()
 
@@ -283,7 +291,7 @@ class BatchRound:
         async def submit() -> str:
             nonlocal asked
             if asked:
-                found = await api.find(tag, chunk, since)
+                found = await self._find(tag, chunk, since)
                 if found is not None:
                     log.info(
                         "found batch job %s at %s, submitted earlier for these %s requests but never "
@@ -303,6 +311,9 @@ class BatchRound:
 
         try:
             job_id = await with_retries(submit)
+        except _CannotTell as e:
+            self._cannot_tell(e.error, ids)
+            return [], []
         except BatchError as e:
             # Refused with an answer (a status), or before anything was sent: no job was created.
             if self.journal is not None:
@@ -319,7 +330,11 @@ class BatchRound:
             return [], ids
         except LLMError as e:
             # The last create call's answer may be what was lost: one more look before paying again.
-            found = await self._find_quietly(tag, chunk, since) if asked else None
+            try:
+                found = await self._find_quietly(tag, chunk, since) if asked else None
+            except _CannotTell as cannot:
+                self._cannot_tell(cannot.error, ids)
+                return [], []
             if found is not None:
                 if self.journal is not None:
                     self.journal.add_job(found, self.key, self.provider.name, self.model, ids, tag=tag)
@@ -336,10 +351,25 @@ class BatchRound:
         log.info("submitted batch job %s with %s to %s/%s", job_id, count, self.provider.name, self.model)
         return [(job_id, ids, time.time())], []
 
-    async def _find_quietly(self, tag: str, chunk: list[tuple[str, LLMRequest]], since: float) -> str | None:
+    async def _find(self, tag: str, chunk: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        """`BatchAPI.find`; a BatchError from it (several jobs could be this chunk's) as _CannotTell."""
         assert self.api is not None
         try:
             return await self.api.find(tag, chunk, since)
+        except BatchError as e:
+            raise _CannotTell(e) from e
+
+    def _cannot_tell(self, error: BatchError, ids: list[str]) -> None:
+        """The provider has jobs that may be this chunk's and cannot tell which: following the wrong one
+        or submitting again could pay twice, so the chunk's calls fail with the error that says what to
+        check, and its "submitting" row stays for the run after the user has settled it."""
+        log.error("%s", error)
+        for cid in ids:
+            self._settle(cid, error, record=False)
+
+    async def _find_quietly(self, tag: str, chunk: list[tuple[str, LLMRequest]], since: float) -> str | None:
+        try:
+            return await self._find(tag, chunk, since)
         except LLMError as e:
             log.info("could not look for an unrecorded batch job at %s: %s", self.provider.name, e)
             return None

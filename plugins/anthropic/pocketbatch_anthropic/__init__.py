@@ -19,7 +19,7 @@ import httpx2
 from anthropic import AsyncAnthropic
 
 from pocketbatch import LLMRequest, LLMResponse, Provider, hookimpl
-from pocketbatch.providers import close_with_loop
+from pocketbatch.providers import CachePrice, close_with_loop
 
 from .api import (
     DEFAULT_MAX_TOKENS,
@@ -110,11 +110,15 @@ class AnthropicProvider(Provider):
         "claude-fable-5": (10.0, 50.0),
         "claude-mythos-5": (10.0, 50.0),
     }
-    # Prompt caching, per million tokens: a cache read costs 0.1 times the model's input price, a cache
-    # write 1.25 times (the 5-minute cache; the 1-hour cache's writes cost 2 times, and are priced here at
-    # the 5-minute rate). The batch discount applies on top, as Anthropic's multipliers stack.
-    cache_prices: ClassVar[dict[str, tuple[float, float]]] = {
-        model: (round(inp * 0.1, 6), round(inp * 1.25, 6)) for model, (inp, _) in prices.items()
+    # Prompt caching, per million tokens (read, 5-minute write, 1-hour write): a cache read costs 0.1
+    # times the model's input price, a write to the 5-minute cache 1.25 times and a write to the 1-hour
+    # cache 2 times (platform.claude.com/docs/about-claude/pricing, "Prompt caching"; the same
+    # multipliers in its copies at docs.electronhub.ai/guides/prompt-caching and
+    # claudecodeguides.com, read 2026-12-02 with the search tool). The usage of each reply splits its
+    # writes by TTL (usage.cache_creation). The batch discount applies on top, as the multipliers stack.
+    cache_prices: ClassVar[dict[str, CachePrice]] = {
+        model: (round(inp * 0.1, 6), round(inp * 1.25, 6), round(inp * 2.0, 6))
+        for model, (inp, _) in prices.items()
     }
     prices_date: ClassVar[str | None] = "2026-11-25"
 

@@ -163,10 +163,16 @@ def dumps(value: Any) -> bytes:
 def to_response(message: Any, *, via: str, rate_limits: RateLimits | None = None) -> LLMResponse:
     """An LLMResponse from an SDK Message: the text blocks joined. Anthropic's input_tokens leaves out
     the tokens read from and written to the prompt cache; pocketbatch's Usage counts all input tokens
-    in input_tokens, and says how many were cache reads and writes (priced at their own rates)."""
+    in input_tokens, and says how many were cache reads and writes, and how many of the writes went to
+    the 1-hour cache (each priced at its own rate)."""
     text = "".join(block.text for block in (message.content or []) if getattr(block, "type", None) == "text")
     usage = message.usage
-    cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
+    # cache_creation_input_tokens counts every write; cache_creation splits them by the cache's TTL,
+    # and a 1-hour write costs 2x the input price where a 5-minute one costs 1.25x.
+    by_ttl = getattr(usage, "cache_creation", None)
+    write_5m = getattr(by_ttl, "ephemeral_5m_input_tokens", None) or 0
+    write_1h = getattr(by_ttl, "ephemeral_1h_input_tokens", None) or 0
+    cache_write = getattr(usage, "cache_creation_input_tokens", None) or write_5m + write_1h
     cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
     input_tokens = (usage.input_tokens or 0) + cache_write + cache_read
     stop = getattr(message, "stop_reason", None)
@@ -178,6 +184,7 @@ def to_response(message: Any, *, via: str, rate_limits: RateLimits | None = None
             output_tokens=usage.output_tokens or 0,
             cache_read_tokens=cache_read,
             cache_write_tokens=cache_write,
+            cache_write_1h_tokens=min(write_1h, cache_write),
         ),
         model=message.model,
         provider=PROVIDER,

@@ -175,7 +175,8 @@ class AnthropicEmulator:
     - `ratelimit_headers` (None): the exact anthropic-ratelimit-* headers for every reply; None makes
       them from `limits` and the tokens used so far (RFC 3339 resets, as the API sends).
     - `limits`: {"requests": 50, "input-tokens": 50_000, "output-tokens": 10_000} per minute.
-    - `usage_extra` ({}): extra usage fields on every message, e.g. {"cache_read_input_tokens": 100}.
+    - `usage_extra` ({}): extra usage fields on every message, e.g. {"cache_read_input_tokens": 100}
+      or {"cache_creation": {"ephemeral_5m_input_tokens": 60, "ephemeral_1h_input_tokens": 40}}.
     - `reply` (default_reply): params -> the reply text (or a `Refusal`); it is cut to max_tokens
       words, a word a token.
     """
@@ -187,7 +188,7 @@ class AnthropicEmulator:
         self.done_before_cancel = 0
         self.ratelimit_headers: dict[str, str] | None = None
         self.limits = {"requests": 50, "input-tokens": 50_000, "output-tokens": 10_000}
-        self.usage_extra: dict[str, int] = {}
+        self.usage_extra: dict[str, Any] = {}
         self.reply: Callable[[dict], str | Refusal] = default_reply
         self.max_batch_requests = 100_000
         self.requests: list[RecordedRequest] = []

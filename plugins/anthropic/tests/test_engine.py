@@ -220,3 +220,23 @@ async def test_cache_reads_and_writes_are_priced_at_their_own_rates(anthropic_em
     assert reply.cost_usd == pytest.approx(expected)
     [batched] = await ask_each(["Summarise: the cat sat"], model=MODEL, mode="batch")
     assert batched.via == "batch" and batched.cost_usd == pytest.approx(expected * 0.5)  # the discounts stack
+
+
+async def test_one_hour_cache_writes_are_priced_at_twice_the_input_price(anthropic_emulator):
+    # 100 writes, 40 of them to the 1-hour cache, as the API splits them in usage.cache_creation.
+    anthropic_emulator.usage_extra = {
+        "cache_creation_input_tokens": 100,
+        "cache_creation": {"ephemeral_5m_input_tokens": 60, "ephemeral_1h_input_tokens": 40},
+        "cache_read_input_tokens": 1000,
+    }
+    usage = Usage(1104, 6, cache_read_tokens=1000, cache_write_tokens=100, cache_write_1h_tokens=40)
+    # 4 uncached input tokens at $1, 1,000 reads at $0.10, 60 5-minute writes at $1.25, 40 1-hour
+    # writes at $2, 6 output tokens at $5 (claude-haiku-4-5)
+    expected = (4 * 1.0 + 1000 * 0.10 + 60 * 1.25 + 40 * 2.0 + 6 * 5.0) / 1_000_000
+    reply = await call_llm_async("Summarise: the cat sat", model=MODEL)
+    assert reply.usage == usage and reply.cost_usd == pytest.approx(expected)
+    [batched] = await ask_each(["Summarise: the cat sat"], model=MODEL, mode="batch")
+    assert batched.via == "batch" and batched.usage == usage
+    assert batched.cost_usd == pytest.approx(expected * 0.5)
+    [again] = await ask_each(["Summarise: the cat sat"], model=MODEL, mode="batch")  # from the journal
+    assert again.usage == usage and again.cost_usd == pytest.approx(expected * 0.5)

@@ -62,9 +62,6 @@ MODELS: tuple[str, ...] = (
 )
 
 
-# USD per million (input, output) tokens at standard (non-batch) rates, from openai.com/api/pricing as of
-# 2025-08. Dated snapshots match their model's key; a snapshot priced differently gets its own key
-# (the longest matching key wins). Check the page before trusting a bill to these numbers.
 def usage_of(usage: dict[str, Any] | None) -> Usage:
     """Usage from a chat completion's `usage`: prompt_tokens counts the cached ones too, which
     prompt_tokens_details.cached_tokens gives (billed at CACHE_PRICES)."""
@@ -77,7 +74,21 @@ def usage_of(usage: dict[str, Any] | None) -> Usage:
     )
 
 
-PRICES_DATE = "2025-08"  # the month openai.com/api/pricing was read for PRICES
+# USD per million (input, output) tokens at standard (non-batch) rates. Dated snapshots match their
+# model's key; a snapshot priced differently gets its own key (the longest matching key wins).
+#
+# Sources, read 2026-12-02 with the search tool (stored copies; no copy of OpenAI's own pricing page,
+# developers.openai.com/api/docs/pricing, was found, so nothing here is read from it directly):
+# - github.com/simonw/llm-prices, data/openai.json (commit 0838d1a): input, output and cached input of
+#   every model below but gpt-4-turbo and gpt-3.5-turbo, taken from OpenAI's page; its o3 input and
+#   output (10 / 40) predate OpenAI's June 2025 cut to 2 / 8, which deploybase.ai/articles/openai-pricing
+#   (March 2026) and nicolalazzari.ai's 2026 table both show;
+# - hex.pm/packages/openai_responses/0.4.1, lib/responses/pricing.ex, a transcription of
+#   platform.openai.com/docs/pricing dated 2025-06-03: the gpt-4.1 and gpt-4o families, including that
+#   gpt-4o-2024-05-13 has no cached-input rate.
+# gpt-4-turbo and gpt-3.5-turbo are as first written (2025-08, from memory of openai.com/api/pricing) and
+# unverified: neither source lists them. Check the page before trusting a bill to these numbers.
+PRICES_DATE = "2026-12-02"  # the day PRICES and CACHE_PRICES were checked against the sources above
 PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (2.50, 10.00),
     "gpt-4o-2024-05-13": (5.00, 15.00),
@@ -95,10 +106,14 @@ PRICES: dict[str, tuple[float, float]] = {
     "gpt-4-turbo": (10.00, 30.00),
     "gpt-3.5-turbo": (0.50, 1.50),
 }
-# USD per million (cached input read, cache write) tokens, same page and month: OpenAI bills no cache
-# writes (they cost the input price). Models without a key here bill cached tokens at the input price.
+# USD per million (cached input read, cache write) tokens, from the same sources: every rate below was
+# found as written (2025-08) in simonw/llm-prices, and the gpt-4.1 and gpt-4o ones in openai_responses
+# too. OpenAI bills no cache writes (they cost the input price). Models without a key here (gpt-4-turbo,
+# gpt-3.5-turbo) and gpt-4o-2024-05-13, which has no cached-input rate, bill cached tokens at the input
+# price.
 CACHE_PRICES: dict[str, tuple[float, float]] = {
     "gpt-4o": (1.25, 2.50),
+    "gpt-4o-2024-05-13": (5.00, 5.00),
     "gpt-4o-mini": (0.075, 0.15),
     "gpt-4.1": (0.50, 2.00),
     "gpt-4.1-mini": (0.10, 0.40),

@@ -21,6 +21,7 @@ logger = logging.getLogger("pocketbatch.openai")
 
 ENDPOINT = "/v1/chat/completions"
 METADATA_KEY = "pocketbatch"  # the batch metadata key holding the engine's tag (its round and chunk)
+UPLOAD_PREFIX = "pocketbatch-"  # input files are named after the engine's tag: pocketbatch-<tag>.jsonl
 CLOCK_MARGIN = 600.0  # seconds: batches created this long before the run's own clock said are looked at
 _STATES = {
     "validating": "running",
@@ -31,10 +32,19 @@ _STATES = {
     "expired": "ended",
     "cancelled": "ended",
 }
+# A job that will deliver nothing more, told apart when `find` must choose between untagged jobs: one the
+# user cancelled is, by that, not the job to follow.
+_GIVEN_UP = ("cancelling", "cancelled", "failed")
 _NOT_RUN = {
     "batch_expired": "expired: the batch's 24h window closed before it ran",
     "batch_cancelled": "was cancelled with its batch before it ran",
 }
+
+
+def upload_name(tag: str | None) -> str:
+    """The name of a chunk's input file: its tag's, so that `find` can tell the file on servers whose
+    jobs keep no metadata (Groq, Together); batch.jsonl for an untagged `submit`."""
+    return f"{UPLOAD_PREFIX}{tag}.jsonl" if tag else "batch.jsonl"
 
 
 @dataclass(frozen=True)
@@ -46,6 +56,7 @@ class Listed:
     total: int  # requests in the job; 0 where not known yet (validating) or not reported (Together)
     input_file_id: str | None
     file_size: int | None = None  # the input file's bytes where the listing gives them (Together)
+    status: str = "in_progress"  # in OpenAI's lower-case names
 
 
 @dataclass
@@ -131,17 +142,17 @@ class OpenAIBatch(BatchAPI):
         return await self._submit(items, None)
 
     async def submit_tagged(self, items: list[tuple[str, LLMRequest]], tag: str) -> str:
-        """`submit`, with the tag in the batch's `metadata` ({"pocketbatch": tag}) for `find`, where the
-        server keeps metadata (`tags_jobs`)."""
-        if not self.tags_jobs:
-            return await self.submit(items)
-        return await self._submit(items, {METADATA_KEY: tag})
+        """`submit`, with the tag in the input file's name (`pocketbatch-<tag>.jsonl`) and, where the
+        server keeps metadata (`tags_jobs`), in the batch's `metadata` ({"pocketbatch": tag}), for
+        `find`."""
+        return await self._submit(items, tag)
 
     async def find(self, tag: str, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
         """The newest batch whose metadata carries the tag, among those created since `since` (less a
-        margin for the two clocks), walking `GET /v1/batches` newest first."""
+        margin for the two clocks), walking `GET /v1/batches` newest first. On a server that keeps no
+        metadata, the job whose input file is named after the tag (`_find_by_requests`)."""
         if not self.tags_jobs:
-            return await self._find_by_requests(items, since)
+            return await self._find_by_requests(tag, items, since)
         client = self.provider.client()
         try:
             async for batch in client.batches.list(limit=100):
@@ -153,30 +164,73 @@ class OpenAIBatch(BatchAPI):
             raise self.provider.translate_error(e) from e
         return None
 
-    async def _find_by_requests(self, items: list[tuple[str, LLMRequest]], since: float) -> str | None:
-        """For a server that keeps no tag (`tags_jobs` False): a job is told by its requests. It must have
-        been created no earlier than `since` less CLOCK_MARGIN, report as many requests as `items` where
-        it reports a count (a job still validating reports none), and have an input file of exactly the
-        size these items' file has (the lines are built the same way every time). Of several, the
-        oldest (the one closest to the lost create call) is taken."""
-        count, size = len(items), len(self.jsonl(items))
+    async def _find_by_requests(
+        self, tag: str, items: list[tuple[str, LLMRequest]], since: float
+    ) -> str | None:
+        """For a server that keeps no metadata (`tags_jobs` False), among the jobs created no earlier
+        than `since` less CLOCK_MARGIN and reporting as many requests as `items` (where they report a
+        count: a job still validating reports none):
+
+        1. the job whose input file is named after the tag (`submit_tagged` names it so): the oldest if
+           there are several, which all hold exactly these requests;
+        2. else, of the jobs whose input file has another name (an upload by an earlier pocketbatch,
+           which named every file batch.jsonl) or is gone, and whose file has exactly the size of these
+           items' (the lines are built the same way every time), the one there is. A file named after
+           another tag is another chunk's, never this one.
+        Two or more of the second kind are not told apart by guessing: `BatchError`, naming them and
+        what to check. Jobs cancelled or failed are left out of the second kind: cancelling the ones
+        that are not this chunk's is how a user settles it."""
+        count, size, name = len(items), len(self.jsonl(items)), upload_name(tag)
         client = self.provider.client()
-        matches: list[tuple[float, str]] = []
+        named: list[tuple[float, str]] = []
+        alike: list[tuple[float, str]] = []
         try:
             async for job in self._recent_jobs(client, since - CLOCK_MARGIN):
                 if job.total and job.total != count:
                     continue
-                file_size = job.file_size
-                if file_size is None and job.input_file_id:
-                    try:
-                        file_size = (await client.files.retrieve(job.input_file_id)).bytes
-                    except openai.NotFoundError:  # deleted: the count alone must tell
-                        file_size = None
+                filename, file_size = await self._input_file(client, job.input_file_id)
+                if filename == name:
+                    named.append((job.created_at, job.id))
+                    continue
+                if (filename or "").startswith(UPLOAD_PREFIX) or job.status in _GIVEN_UP:
+                    continue
+                file_size = job.file_size if job.file_size is not None else file_size
                 if file_size == size or (file_size is None and job.total == count):
-                    matches.append((job.created_at, job.id))
+                    alike.append((job.created_at, job.id))
         except openai.OpenAIError as e:
             raise self.provider.translate_error(e) from e
-        return min(matches)[1] if matches else None
+        if named:
+            return min(named)[1]
+        if len(alike) > 1:
+            ids = ", ".join(job_id for _, job_id in sorted(alike))
+            raise BatchError(
+                f"{len(alike)} {self.label} batch jobs ({ids}) may hold the {count:,} requests of batch "
+                f"chunk {tag}, whose create call got no answer: each was created since shortly before "
+                f"that call, with an input file of the same size ({size:,} bytes) not named {name}. "
+                "pocketbatch cannot tell which (if any) is this chunk's, so it neither follows one nor "
+                "submits the requests again. "
+                f"Check the jobs' input files at {self.label}: this chunk's holds custom_id {items[0][0]}. "
+                "Cancel the jobs that are not this chunk's (to have the requests sent again, cancel them "
+                "all), then run again."
+            )
+        return alike[0][1] if alike else None
+
+    async def _input_file(
+        self, client: openai.AsyncOpenAI, file_id: str | None
+    ) -> tuple[str | None, int | None]:
+        """(name, bytes) of a job's input file; (None, None) when it is gone (deleted) or unknown."""
+        if not file_id:
+            return None, None
+        try:
+            return await self._file_name_and_size(client, file_id)
+        except openai.NotFoundError:
+            return None, None
+
+    async def _file_name_and_size(
+        self, client: openai.AsyncOpenAI, file_id: str
+    ) -> tuple[str | None, int | None]:
+        file = await client.files.retrieve(file_id)
+        return file.filename, file.bytes
 
     async def _recent_jobs(self, client: openai.AsyncOpenAI, after: float) -> AsyncIterator[Listed]:
         """The jobs created at or after `after` (epoch seconds), from `GET /batches` (newest first)."""
@@ -184,13 +238,15 @@ class OpenAIBatch(BatchAPI):
             if batch.created_at < after:
                 return
             counts = batch.request_counts
-            yield Listed(batch.id, batch.created_at, counts.total if counts else 0, batch.input_file_id)
+            total = counts.total if counts else 0
+            yield Listed(batch.id, batch.created_at, total, batch.input_file_id, status=batch.status)
 
-    async def _submit(self, items: list[tuple[str, LLMRequest]], metadata: dict[str, str] | None) -> str:
+    async def _submit(self, items: list[tuple[str, LLMRequest]], tag: str | None) -> str:
         data = self.jsonl(items)
+        metadata = {METADATA_KEY: tag} if tag and self.tags_jobs else None
         client = self.provider.client()
         try:
-            file_id = await self._upload(client, data)
+            file_id = await self._upload(client, data, upload_name(tag))
         except openai.OpenAIError as e:
             raise self._batch_error("uploading the batch file", e) from e
         try:
@@ -246,11 +302,11 @@ class OpenAIBatch(BatchAPI):
             raise self.provider.translate_error(e) from e
         await self._delete(self._input_files.pop(job_id, input_file_id))
 
-    # The server's own shapes live in these four: a host whose batch API differs (Together) overrides
+    # The server's own shapes live in these: a host whose batch API differs (Together) overrides
     # them and the rest of the batch path stays as it is.
 
-    async def _upload(self, client: openai.AsyncOpenAI, data: bytes) -> str:
-        file = await client.files.create(file=("batch.jsonl", data), purpose="batch")
+    async def _upload(self, client: openai.AsyncOpenAI, data: bytes, name: str) -> str:
+        file = await client.files.create(file=(name, data), purpose="batch")
         return file.id
 
     async def _create(

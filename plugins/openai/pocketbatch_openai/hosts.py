@@ -59,8 +59,9 @@ class GroqBatch(OpenAIBatch):
     """
 
     label = "Groq"
-    # Groq's batch metadata is not documented: no tag; `find` tells a job by its creation time, request
-    # count and input file size, from `GET /openai/v1/batches` (OpenAI's list, which Groq serves).
+    # Groq's batch metadata is not documented: no tag on the job; `find` tells a job by its input file's
+    # name (the tag's: Groq's files keep `filename`), from `GET /openai/v1/batches` (OpenAI's list,
+    # which Groq serves) and `GET /openai/v1/files/{id}`.
     tags_jobs = False
     max_requests = 50_000
     max_bytes = 200_000_000  # Groq's 200 MB, in decimal megabytes
@@ -157,8 +158,9 @@ class TogetherBatch(OpenAIBatch):
     """
 
     label = "Together"
-    # Together's jobs take no metadata: no tag; `find` tells a job by its creation time and input file
-    # size (`file_size_bytes`; Together's jobs report no request count), from `GET /batches`.
+    # Together's jobs take no metadata: no tag on the job; `find` tells a job by its input file's name
+    # (the tag's, sent as `file_name`; `GET /files/{id}` gives it back as `filename`), from
+    # `GET /batches` (Together's jobs report no request count).
     tags_jobs = False
     max_requests = 50_000
     max_bytes = 100_000_000  # Together's 100 MB per input file
@@ -167,11 +169,11 @@ class TogetherBatch(OpenAIBatch):
     def price_factor_for(self, model: str) -> float:
         return self.price_factor if model in TOGETHER_BATCH_DISCOUNTED else 1.0
 
-    async def _upload(self, client: openai.AsyncOpenAI, data: bytes) -> str:
+    async def _upload(self, client: openai.AsyncOpenAI, data: bytes, name: str) -> str:
         file = await client.post(
             "/files/upload",
-            body={"purpose": "batch-api", "file_name": "batch.jsonl"},
-            files=[("file", ("batch.jsonl", data, "application/jsonl"))],
+            body={"purpose": "batch-api", "file_name": name},
+            files=[("file", (name, data, "application/jsonl"))],
             options={"headers": {"Content-Type": "multipart/form-data"}, **_AUTH},
             cast_to=object,
         )
@@ -209,7 +211,17 @@ class TogetherBatch(OpenAIBatch):
                 0,
                 job.get("input_file_id"),
                 size if isinstance(size, int) else None,
+                _TOGETHER_STATES.get(str(job.get("status")).upper(), "in_progress"),
             )
+
+    async def _file_name_and_size(
+        self, client: openai.AsyncOpenAI, file_id: str
+    ) -> tuple[str | None, int | None]:
+        """Together's `GET /files/{id}` (its file object is not OpenAI's: purpose `batch-api`)."""
+        file = await client.get(f"/files/{file_id}", options=_AUTH, cast_to=object)
+        file = file if isinstance(file, dict) else {}
+        name, size = file.get("filename"), file.get("bytes")
+        return (name if isinstance(name, str) else None), (size if isinstance(size, int) else None)
 
     async def _cancel(self, client: openai.AsyncOpenAI, job_id: str) -> str | None:
         job = await client.post(f"/batches/{job_id}/cancel", options=_AUTH, cast_to=object)

@@ -223,3 +223,17 @@ async def test_cached_prompt_tokens_are_priced_at_the_cached_input_rate(provider
     [batched] = await ask(["Summarise: the dog ran"], mode="batch")
     assert batched.usage == Usage(1004, 5, cache_read_tokens=1000)
     assert batched.cost_usd == pytest.approx(expected * 0.5)
+
+
+def test_cached_input_rates_follow_the_checked_table():
+    from pocketbatch_openai import OpenAIProvider
+
+    p = OpenAIProvider()
+    cached = Usage(1_000_000, 0, cache_read_tokens=1_000_000)  # every input token read from the cache
+    assert p.cost("gpt-4o-mini-2024-07-18", cached) == pytest.approx(0.075)
+    assert p.cost("gpt-4.1-nano", cached) == pytest.approx(0.025)
+    assert p.cost("gpt-5", cached) == pytest.approx(0.125)
+    # gpt-4o-2024-05-13 has no cached-input rate: its cached tokens cost its own input price, not the
+    # later gpt-4o snapshots' cached rate
+    assert p.cost("gpt-4o-2024-05-13", cached) == pytest.approx(5.00)
+    assert p.cost("gpt-4-turbo", cached) == pytest.approx(10.00)  # no rate known: the input price

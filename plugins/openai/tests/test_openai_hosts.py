@@ -126,13 +126,13 @@ async def test_groq_batch_round_at_half_price_for_a_discounted_model(
 ):
     pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
     groq = register_provider(strict(GroqProvider))
-    submit = groq.batch.submit
+    submit = groq.batch.submit_tagged
 
-    async def mark_second_line_bad(items):
+    async def mark_second_line_bad(items, tag):
         groq_emulator.error_ids.add(items[1][0])
-        return await submit(items)
+        return await submit(items, tag)
 
-    groq.batch.submit = mark_second_line_bad
+    groq.batch.submit_tagged = mark_second_line_bad
     prompts = [f"Summarise: text {i}" for i in range(3)]
     replies, reasons = await ask(prompts, "groq/openai/gpt-oss-120b", mode="batch")
 
@@ -322,16 +322,22 @@ HOSTS = {
 }
 
 
-@pytest.mark.parametrize("host", HOSTS)
-async def test_a_lost_answer_to_the_create_call_is_found_by_time_and_size_one_job_in_all(
-    host, request, register_provider, pocketbatch_env
-):
-    from pocketbatch.journal import journal
-
+def serve(host, request, register_provider, pocketbatch_env):
+    """The host's emulator and provider, polled quickly; (the emulator, the model to ask)."""
     emulator = request.getfixturevalue(f"{host}_emulator")
     pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
     cls, model = HOSTS[host]
     register_provider(strict(cls))
+    return emulator, model
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_a_lost_answer_to_the_create_call_is_found_by_its_files_name_one_job_in_all(
+    host, request, register_provider, pocketbatch_env
+):
+    from pocketbatch.journal import journal
+
+    emulator, model = serve(host, request, register_provider, pocketbatch_env)
     emulator.fail_next(route="batches.create", lose_answer=True)
     prompts = [f"Summarise: text {i}" for i in range(4)]
     replies, _ = await ask(prompts, model, mode="batch")
@@ -370,3 +376,74 @@ async def test_find_tells_the_job_by_its_requests_not_by_time_alone(host, reques
 
 def request_for(prompt, model):
     return LLMRequest(messages=[{"role": "user", "content": prompt}], model=model)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_two_rounds_of_the_same_size_close_together_are_told_apart_by_their_files_name(
+    host, request, register_provider, pocketbatch_env
+):
+    from pocketbatch.journal import journal
+
+    emulator, model = serve(host, request, register_provider, pocketbatch_env)
+    first = [f"Summarise: text {i}" for i in range(4)]
+    second = [f"Summarise: text {i}" for i in range(4, 8)]  # as many requests, the same bytes
+    replies, _ = await ask(first, model, mode="batch")
+    assert replies == [f"Echo: {p}" for p in first]
+    emulator.fail_next(route="batches.create", lose_answer=True)  # the second round's job: no answer
+    replies, _ = await ask(second, model, mode="batch")
+    # Found by its file's name, not taken for the older job of the same size (the first round's).
+    assert replies == [f"Echo: {p}" for p in second] and {r.via for r in replies} == {"batch"}
+    assert emulator.batches_created == 2 and emulator.calls["chat"] == 0
+    jobs = journal().jobs()
+    assert len({job.job_id for job in jobs}) == 2 and all(journal().submissions(j.round) == [] for j in jobs)
+    names = [
+        emulator.files.get(b["input_file_id"], {}).get("object", {}).get("filename")
+        for b in emulator.batches.values()
+    ]
+    assert all(name is None or name.startswith("pocketbatch-") for name in names)  # deleted once read
+
+
+@pytest.mark.parametrize("host", HOSTS)
+async def test_find_does_not_guess_between_untagged_jobs_of_the_same_size(host, request):
+    import time
+
+    request.getfixturevalue(f"{host}_emulator")
+    cls, model = HOSTS[host]
+    batch = strict(cls).batch
+    model = model.split("/", 1)[1]
+    since = time.time()
+    items = [(f"c{i}", request_for(f"prompt {i}", model)) for i in range(3)]
+    look_alike = [(f"c{i}", request_for(f"prompt {i + 3}", model)) for i in range(3)]  # same size
+    older = await batch.submit(items)  # untagged: named batch.jsonl, as earlier versions named them
+    assert await batch.find("round-0", items, since) == older  # the only one: taken
+    other = await batch.submit(look_alike)
+    with pytest.raises(BatchError, match=r"cannot tell which .* holds custom_id c0") as caught:
+        await batch.find("round-0", items, since)
+    assert older in str(caught.value) and other in str(caught.value)
+    await batch.cancel(other)  # the user settles it: the job that is not this chunk's is cancelled
+    await run_to_end(batch, other)
+    assert await batch.find("round-0", items, since) == older
+    tagged = await batch.submit_tagged(items, "round-0")
+    assert await batch.find("round-0", items, since) == tagged  # named after the tag: no doubt
+    assert await batch.find("round-1", items, since) == older  # another tag's file is never taken
+
+
+async def test_the_engine_fails_the_calls_and_keeps_the_row_when_find_cannot_tell(
+    groq_emulator, register_provider, pocketbatch_env
+):
+    from pocketbatch.journal import journal
+
+    pocketbatch_env(POCKETBATCH_POLL_INTERVAL="0.01")
+    groq = register_provider(strict(GroqProvider))
+
+    async def two_untagged_jobs_then_no_answer(items, tag):
+        await groq.batch.submit(items)  # as an earlier pocketbatch would have: files named batch.jsonl
+        await groq.batch.submit(items)
+        raise BatchError("creating the batch failed: connection lost", retryable=True)  # no answer
+
+    groq.batch.submit_tagged = two_untagged_jobs_then_no_answer
+    replies, _ = await ask(["Summarise: a", "Summarise: b"], "groq/openai/gpt-oss-120b", mode="batch")
+    assert all(isinstance(r, BatchError) and "cannot tell which" in r.message for r in replies)
+    assert groq_emulator.batches_created == 2 and groq_emulator.calls["chat"] == 0  # nothing paid again
+    assert len(journal().db.execute("SELECT tag FROM submissions").fetchall()) == 1  # kept for the next run
+    assert journal().jobs() == []
