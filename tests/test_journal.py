@@ -55,6 +55,45 @@ def test_outcomes_round_trip_through_json():
     assert isinstance(err, RequestError) and err.status == 400 and not err.retryable
 
 
+def test_outcomes_round_trip_through_the_journals_columns(tmp_path):
+    store = Journal(tmp_path / "j.sqlite3")
+    outcomes = {
+        "a": LLMResponse(
+            "hi",
+            usage=Usage(9, 1, 5, 2, cache_write_1h_tokens=1),
+            model="m",
+            provider="p",
+            via="batch",
+            cost_usd=0.25,
+        ),
+        "b": LLMResponse("plain", usage=Usage(2, 3)),
+        "c": RequestError("bad", status=400),
+    }
+    store.save_outcomes("r", outcomes, "job-1")
+    back = store.outcomes("r")
+    assert (back["a"], back["a"].usage, back["a"].model, back["a"].via, back["a"].cost_usd) == (
+        "hi", Usage(9, 1, 5, 2, cache_write_1h_tokens=1), "m", "batch", 0.25)  # fmt: skip
+    assert (back["b"], back["b"].usage, back["b"].cost_usd) == ("plain", Usage(2, 3), None)
+    assert isinstance(back["c"], RequestError) and back["c"].status == 400 and not back["c"].retryable
+    assert store.db.execute("SELECT COUNT(*) FROM outcomes WHERE outcome != ''").fetchone()[0] == 0
+
+
+def test_an_older_journals_json_outcomes_still_read_beside_new_ones(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)  # the outcomes table as journals before its columns had it
+    old.execute("CREATE TABLE outcomes (round TEXT NOT NULL, custom_id TEXT NOT NULL, job_id TEXT, "
+                "outcome TEXT NOT NULL, PRIMARY KEY (round, custom_id))")  # fmt: skip
+    written = json.dumps(encode(LLMResponse("from before", usage=Usage(4, 5), via="batch", cost_usd=0.5)))
+    old.execute("INSERT INTO outcomes VALUES ('r', 'old', 'job-0', ?)", (written,))
+    old.commit()
+    old.close()
+    store = Journal(path)
+    store.save_outcomes("r", {"new": LLMResponse("after", usage=Usage(1, 1))})
+    back = store.outcomes("r")
+    assert (back["old"], back["old"].usage, back["old"].cost_usd) == ("from before", Usage(4, 5), 0.5)
+    assert (back["new"], back["new"].usage) == ("after", Usage(1, 1))
+
+
 def test_the_journal_keeps_no_prompts_and_no_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
     asyncio.run(run(["a secret prompt"]))

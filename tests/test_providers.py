@@ -33,6 +33,10 @@ def test_response_replace_and_pickle_keep_the_fields():
     r = LLMResponse("hi", usage=Usage(1, 2), provider="p").replace(cost_usd=0.5)
     back = pickle.loads(pickle.dumps(r))
     assert back == "hi" and back.cost_usd == 0.5 and back.usage == Usage(1, 2) and back.provider == "p"
+    other = r.replace(text="bye", via="batch")
+    assert (other, other.via, other.cost_usd, r, r.via) == ("bye", "batch", 0.5, "hi", "concurrent")
+    with pytest.raises(TypeError, match="no field colour"):
+        r.replace(colour="red")
 
 
 def test_request_from_prompt():

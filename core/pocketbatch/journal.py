@@ -149,6 +149,7 @@ class Journal:
         if fresh:
             self.db.executescript(f"BEGIN IMMEDIATE; {BACKFILL_ROUNDS} COMMIT;")
         self.lock = threading.Lock()  # one connection may serve the sync call_llm thread too
+        self._add_outcome_columns()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -278,13 +279,24 @@ class Journal:
     def save_outcomes(
         self, round: str, outcomes: dict[str, LLMResponse | BaseException], job_id=None
     ) -> None:
-        rows = [(round, cid, job_id, json.dumps(encode(o))) for cid, o in outcomes.items()]
+        # Rows made as SQLite takes them, in columns: a JSON document for each of a 50,000-line job's
+        # outcomes, all held until the insert, was the batch path's largest client-side cost.
+        rows = (_outcome_row(round, cid, job_id, o) for cid, o in outcomes.items())
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?, ?)", rows)
+            db.executemany(f"INSERT OR REPLACE INTO outcomes ({_OUTCOME_INSERT}) VALUES ({_PLACES})", rows)
 
     def outcomes(self, round: str) -> dict[str, LLMResponse | errors.LLMError]:
-        rows = self._read("SELECT custom_id, outcome FROM outcomes WHERE round = ?", (round,))
-        return {cid: decode(json.loads(text)) for cid, text in rows}
+        columns = ", ".join(name for name, _ in OUTCOME_COLUMNS)
+        rows = self._read(f"SELECT custom_id, outcome, {columns} FROM outcomes WHERE round = ?", (round,))
+        return {cid: decode(json.loads(text) if text else _outcome_data(*rest)) for cid, text, *rest in rows}
+
+    def _add_outcome_columns(self) -> None:
+        """Journals written before outcomes had columns get them; their rows keep their JSON."""
+        with self._tx() as db:
+            have = {row[1] for row in db.execute("PRAGMA table_info(outcomes)")}
+            for name, kind in OUTCOME_COLUMNS:
+                if name not in have:
+                    db.execute(f"ALTER TABLE outcomes ADD COLUMN {name} {kind}")
 
     def prune(self, before: float, *, dry_run: bool = False) -> Pruned:
         """Delete the rounds last used before `before` (epoch seconds), with their jobs and outcomes,
@@ -426,6 +438,49 @@ def _usage(usage: Usage) -> list[int]:
     if usage.cache_write_1h_tokens:
         counts += [usage.cache_write_1h_tokens]
     return counts
+
+
+# An outcome's columns in the outcomes table. Its `outcome` column, the JSON of `encode`, is "" in rows
+# written with columns; older rows have only the JSON.
+OUTCOME_COLUMNS = (
+    ("text", "TEXT"),  # the response's text, or the error's message
+    ("usage", "TEXT"),  # the numbers of `_usage`, joined by commas
+    ("model", "TEXT"),
+    ("provider", "TEXT"),
+    ("via", "TEXT"),
+    ("cost_usd", "REAL"),
+    ("error", "TEXT"),  # the error's class name; NULL for a response
+    ("status", "INTEGER"),
+    ("retryable", "INTEGER"),
+)
+_OUTCOME_INSERT = ", ".join(
+    ["round", "custom_id", "job_id", "outcome", *(name for name, _ in OUTCOME_COLUMNS)]
+)
+_PLACES = ", ".join("?" * (4 + len(OUTCOME_COLUMNS)))
+
+
+def _outcome_row(round: str, cid: str, job_id: str | None, outcome: LLMResponse | BaseException) -> tuple:
+    if isinstance(outcome, LLMResponse):
+        usage = ",".join(map(str, _usage(outcome.usage)))
+        return (round, cid, job_id, "", str(outcome), usage, outcome.model, outcome.provider, outcome.via,
+                outcome.cost_usd, None, None, None)  # fmt: skip
+    return (round, cid, job_id, "", str(outcome), None, None, None, None, None, type(outcome).__name__,
+            getattr(outcome, "status", None), bool(getattr(outcome, "retryable", False)))  # fmt: skip
+
+
+def _outcome_data(text, usage, model, provider, via, cost_usd, error, status, retryable) -> dict[str, Any]:
+    """A row's columns as `encode` would have written them, for `decode`."""
+    if error is not None:
+        return {"error": error, "message": text, "status": status, "retryable": bool(retryable)}
+    counts = [int(n) for n in usage.split(",")] if usage else []
+    return {
+        "text": text,
+        "usage": counts,
+        "model": model,
+        "provider": provider,
+        "via": via,
+        "cost_usd": cost_usd,
+    }
 
 
 def decode(data: dict[str, Any]) -> LLMResponse | errors.LLMError:

@@ -118,9 +118,18 @@ class LLMResponse(str):
 
     def replace(self, **changes: Any) -> LLMResponse:
         """A copy with some fields changed (the text included, as `text=`)."""
-        fields = {k: getattr(self, k) for k in _RESPONSE_FIELDS}
-        text = changes.pop("text", str(self))
-        return LLMResponse(text, **{**fields, **changes})
+        text = changes.pop("text", self)
+        if not changes.keys() <= _FIELD_SET:
+            unknown = ", ".join(sorted(changes.keys() - _FIELD_SET))
+            raise TypeError(f"LLMResponse has no field {unknown}")
+        # The fields copied as they are, not passed through __new__ again: the batch path makes one
+        # copy for each of a job's lines (its price and via), tens of thousands of them.
+        copy = str.__new__(LLMResponse, text)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        if copy.usage is None:  # as __new__ does
+            copy.usage = Usage()
+        return copy
 
     def __reduce__(self):
         return _rebuild_response, (str(self), {k: getattr(self, k) for k in _RESPONSE_FIELDS})
@@ -137,6 +146,9 @@ _RESPONSE_FIELDS = (
     "finish_reason",
     "parsed",
 )
+
+
+_FIELD_SET = frozenset(_RESPONSE_FIELDS)
 
 
 def _rebuild_response(text: str, fields: dict) -> LLMResponse:
