@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import gc
 import hashlib
 import json
 import logging
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -30,6 +29,7 @@ from ..errors import BatchError, LLMError, TransientError
 from ..providers import CachePrice, LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
+from .gcpause import cyclic_gc_paused
 from .retry import with_retries
 from .strategy import Decision
 
@@ -48,20 +48,6 @@ cancel_policy: ContextVar[CancelPolicy | None] = ContextVar("pocketbatch_cancel_
 
 MAX_POLL_INTERVAL = 60.0
 ENVELOPE_BYTES = 200  # custom_id, method, url and JSON punctuation around each request body
-
-
-@contextmanager
-def _cyclic_gc_paused() -> Iterator[None]:
-    # Reading a job's results allocates tens of thousands of acyclic objects that all stay alive until
-    # the round settles; the cyclic collector walking them again and again took about a third of the
-    # client-side time (bench/batch.py). Nothing here makes cycles, so it pauses while the lines are read.
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def custom_ids(requests: list[LLMRequest]) -> list[str]:
@@ -432,7 +418,7 @@ class BatchRound:
 
     async def _collect(self, job_id: str, ids: list[str]) -> list[str]:
         """Settle every line the job answered for good; return the ids to run again concurrently."""
-        with _cyclic_gc_paused():
+        with cyclic_gc_paused():
             return await self._collect_lines(job_id, ids)
 
     async def _collect_lines(self, job_id: str, ids: list[str]) -> list[str]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from ..config import settings
 from ..providers import LLMRequest, LLMResponse, Provider
+from .gcpause import cyclic_gc_paused
 from .limits import limiter_for
 
 log = logging.getLogger("pocketbatch")
@@ -321,19 +322,21 @@ async def map_parallel(
             settled.set_result(None)
 
     try:
-        for index, item in enumerate(items):
-            if slots:
-                await slots.acquire()
-            elif index % 256 == 255:
-                await asyncio.sleep(0)  # let items that finish at once free their memory
-            if failures:
-                break
-            if slots:
-                round_.admit()
-            task = round_.start(index, fn(item))
-            running[task] = index
-            started += 1
-            task.add_done_callback(finished, context=here)
+        # While unbounded items start and their state piles up (bounded, this loop lasts the whole run).
+        with cyclic_gc_paused(0 if slots else len(items)):
+            for index, item in enumerate(items):
+                if slots:
+                    await slots.acquire()
+                elif index % 256 == 255:
+                    await asyncio.sleep(0)  # let items that finish at once free their memory
+                if failures:
+                    break
+                if slots:
+                    round_.admit()
+                task = round_.start(index, fn(item))
+                running[task] = index
+                started += 1
+                task.add_done_callback(finished, context=here)
         if running and not failures:
             await settled
     finally:
