@@ -1,6 +1,7 @@
 """The offline provider behaves like a real server: limits, failures, and a batch API with its habits."""
 
 import asyncio
+import json
 
 import pytest
 
@@ -102,3 +103,16 @@ async def test_submit_refuses_oversized_batches_with_413():
 async def test_unknown_job_is_a_request_error():
     with pytest.raises(RequestError, match="no batch job"):
         await OfflineProvider().batch.status("offline-batch-missing")
+
+
+def test_a_replys_digest_is_of_the_prompts_json():
+    from pocketbatch.default_plugins.offline import _reply_key
+
+    parts = [{"type": "text", "text": "a"}]
+    for request in (
+        LLMRequest.from_prompt('say "hi" ünïcode\n', "offline-small"),
+        LLMRequest.from_prompt([{"content": "x", "role": "user"}], "offline-small"),
+        LLMRequest.from_prompt("hi", "offline-small", system="be brief"),
+        LLMRequest.from_prompt([{"role": "user", "content": parts}], "offline-small"),
+    ):
+        assert _reply_key(request) == json.dumps([request.system, request.messages])

@@ -68,10 +68,24 @@ def reply(request: LLMRequest) -> tuple[str, Usage]:
     if not isinstance(content, str):  # content blocks
         content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
     words = content.split()
-    digest = hashlib.sha256(json.dumps([request.system, request.messages]).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(_reply_key(request).encode()).hexdigest()[:6]
     text = f"[{request.model} {digest}] " + " ".join(words[:12]) + (" …" if len(words) > 12 else "")
     prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
     return text, Usage(max(1, math.ceil(prompt_chars / 4)), max(1, math.ceil(len(text) / 4)))
+
+
+def _reply_key(request: LLMRequest) -> str:
+    """json.dumps([system, messages]), what a reply's digest is of; a one-message prompt's written out,
+    since json.dumps of the list took a third of the offline provider's time per call."""
+    messages = request.messages
+    if request.system is None and len(messages) == 1 and tuple(messages[0]) == ("role", "content"):
+        role, content = messages[0]["role"], messages[0]["content"]
+        if isinstance(role, str) and isinstance(content, str):
+            return f'[null, [{{"role": {_json_str(role)}, "content": {_json_str(content)}}}]]'
+    return json.dumps([request.system, messages])
+
+
+_json_str = json.encoder.encode_basestring_ascii  # json.dumps of a str, as its default ensure_ascii does
 
 
 def schema_reply(request: LLMRequest) -> tuple[str, Usage, str]:

@@ -344,6 +344,7 @@ class Limiter:
 
     def __init__(self, key: LimiterKey, limits: Limits, defaults: Limits) -> None:
         self.key = key
+        self._last_state: _LoopState | None = None  # of the loop that called last
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -422,7 +423,9 @@ class Limiter:
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
-        state = self._loops.get(loop)
+        state = self._last_state  # a WeakKeyDictionary lookup costs more than the rest of an acquire
+        if state is None or state.loop is not loop:
+            state = self._loops.get(loop)
         if state is not None and state.concurrency != self.max_concurrency:
             # The cap moved (learned, or configured again): a new semaphore, the buckets kept. Tickets
             # release the semaphore they took.
@@ -441,6 +444,7 @@ class Limiter:
             live = sum(1 for other in self._loops if not other.is_closed())
             if self._loops_share is None and (sync_loop or live > 1):
                 self._loops_share = LoopsShare()
+        self._last_state = state
         return state
 
     def _bucket(self, state: _LoopState, which: str) -> _Bucket | None:

@@ -37,6 +37,7 @@ class _Slice:
 _slices: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[float, int], _Slice]] = (
     weakref.WeakKeyDictionary()
 )
+_last: tuple[asyncio.AbstractEventLoop, dict[tuple[float, int], _Slice]] | None = None  # the loop used last
 
 
 def _expire(loop_slices: dict[tuple[float, int], _Slice], key: tuple[float, int]) -> None:
@@ -53,9 +54,15 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
     if task is None:
         raise RuntimeError("a timeout needs a task, as asyncio.timeout does")
     loop = task.get_loop()
-    loop_slices = _slices.get(loop)
-    if loop_slices is None:
-        loop_slices = _slices[loop] = {}
+    global _last
+    last = _last  # a WeakKeyDictionary lookup costs more than the rest of this
+    if last is not None and last[0] is loop:
+        loop_slices = last[1]
+    else:
+        loop_slices = _slices.get(loop)
+        if loop_slices is None:
+            loop_slices = _slices[loop] = {}
+        _last = (loop, loop_slices)
     width = seconds / SLICES
     key = (seconds, math.ceil((loop.time() + seconds) / width))
     piece = loop_slices.get(key)
