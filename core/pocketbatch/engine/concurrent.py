@@ -44,27 +44,15 @@ class Sender:
         Raises the final LLMError (never tenacity's RetryError), or ConfigError before any call.
         """
         name, model = self.provider.name, request.model
-        attempts = [0]
+        attempts = [1]
         events.emit(events.STARTED, name, model, item=item)
-
-        def attempt() -> Awaitable[LLMResponse]:
-            attempts[0] += 1
-            return self._attempt(request, item, attempts[0])
-
-        def before_sleep(state: RetryCallState) -> None:
-            err = state.outcome.exception() if state.outcome else None
-            events.emit(
-                events.RETRIED,
-                name,
-                model,
-                item=item,
-                attempt=attempts[0],
-                error=err,
-                wait=state.upcoming_sleep,
-            )
-
         try:
-            response = await with_retries(attempt, self.policy, before_sleep=before_sleep)
+            try:
+                response = await self._attempt(request, item, 1)
+            except LLMError as err:
+                if not err.retryable:
+                    raise
+                response = await self._retried(request, item, err, attempts)
         except Exception as err:
             events.emit(events.FAILED, name, model, item=item, attempt=attempts[0], error=err)
             raise
@@ -83,6 +71,24 @@ class Sender:
             via=response.via,
         )
         return response
+
+    async def _retried(
+        self, request: LLMRequest, item: int | None, first: LLMError, attempts: list[int]
+    ) -> LLMResponse:
+        """The attempts after a retryable first failure, under tenacity (only now set up: most calls
+        never need it), counted in `attempts`."""
+        name, model = self.provider.name, request.model
+
+        def attempt() -> Awaitable[LLMResponse]:
+            attempts[0] += 1
+            return self._attempt(request, item, attempts[0])
+
+        def before_sleep(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome else None
+            wait = state.upcoming_sleep
+            events.emit(events.RETRIED, name, model, item=item, attempt=attempts[0], error=err, wait=wait)
+
+        return await with_retries(attempt, self.policy, before_sleep=before_sleep, first_failure=first)
 
     async def _attempt(self, request: LLMRequest, item: int | None, attempt: int) -> LLMResponse:
         limiter = self.limiter

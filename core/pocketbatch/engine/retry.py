@@ -74,19 +74,23 @@ async def with_retries(
     policy: RetryPolicy | None = None,
     *,
     before_sleep: Callable[[RetryCallState], None] | None = None,
+    first_failure: LLMError | None = None,
 ) -> T:
     """Run `attempt()` until it returns, fails with a non-retryable error, or attempts run out.
 
     The first attempt runs bare: most calls succeed at once, and setting up tenacity costs more than the
     rest of a call's bookkeeping together. Only a retryable failure brings it in, handed that failure as
     its own first attempt, so waits, events and the count of attempts are what they would have been.
+    A caller that made the first attempt itself passes its retryable failure as `first_failure`.
     """
-    try:
-        return await attempt()
-    except LLMError as err:
-        if not err.retryable:
-            raise
-        first: list[BaseException] = [err]
+    if first_failure is None:
+        try:
+            return await attempt()
+        except LLMError as err:
+            if not err.retryable:
+                raise
+            first_failure = err
+    first: list[BaseException] = [first_failure]
 
     async def replay_then_attempt() -> T:
         if first:
