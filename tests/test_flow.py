@@ -728,3 +728,32 @@ def test_max_concurrency_and_mode_are_keyword_only_and_validated(cls):
         cls(None, 0, 4) if cls is AsyncParallelBatchFlow else cls(1, 0, 4)
     for mode in ("auto", "concurrent", "batch"):
         assert cls(mode=mode, max_concurrency=4).mode == mode
+
+
+def test_a_flow_copies_nodes_as_copy_copy_does_their_own_copy_and_slots_kept():
+    seen = []
+
+    class Slotted(Node):
+        __slots__ = ("tag",)
+
+        def exec(self, prep_res):
+            seen.append(("slotted", self.tag))
+
+    class OwnCopy(Node):
+        def __copy__(self):
+            clone = type(self)()
+            clone.__dict__.update(self.__dict__, copied_by_hand=True)
+            return clone
+
+        def exec(self, prep_res):
+            seen.append(("own", getattr(self, "copied_by_hand", False)))
+
+    class Plain(Node):
+        def exec(self, prep_res):
+            seen.append(("plain", self.params, self is not plain))
+
+    slotted, own, plain = Slotted(), OwnCopy(), Plain()
+    slotted.tag = "kept"
+    slotted >> own >> plain
+    Flow(start=slotted).run({})
+    assert seen == [("slotted", "kept"), ("own", True), ("plain", {}, True)]

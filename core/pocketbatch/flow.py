@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import time
 import warnings
 from collections.abc import Awaitable, Iterable
@@ -58,6 +59,30 @@ class BaseNode:
         raise TypeError("Action must be a string")
 
 
+def _copy(node: BaseNode | None) -> Any:
+    """copy.copy(node): a flow copies each node it visits, and a parallel node each item's. For a plain
+    class this is what copy.copy does, without its __reduce_ex__ round trip (4× slower); a class with
+    __slots__ or its own way of copying goes through copy.copy."""
+    cls = type(node)
+    if _copies_plainly(cls):
+        clone = cls.__new__(cls)
+        clone.__dict__.update(node.__dict__)
+        return clone
+    return copy.copy(node)
+
+
+@functools.cache
+def _copies_plainly(cls: type) -> bool:
+    return (
+        issubclass(cls, BaseNode)
+        and not hasattr(cls, "__copy__")
+        and cls.__reduce_ex__ is object.__reduce_ex__
+        and cls.__reduce__ is object.__reduce__
+        and cls.__new__ is object.__new__
+        and not any("__slots__" in vars(k) for k in cls.__mro__)
+    )
+
+
 class _ConditionalTransition:
     def __init__(self, src: BaseNode, action: str) -> None:
         self.src, self.action = src, action
@@ -108,11 +133,11 @@ class Flow(BaseNode):
         return nxt
 
     def _orch(self, shared: Any, params: dict[str, Any] | None = None) -> Any:
-        curr, p, last_action = copy.copy(self.start_node), (params or {**self.params}), None
+        curr, p, last_action = _copy(self.start_node), (params or {**self.params}), None
         while curr:
             curr.set_params(p)
             last_action = curr._run(shared)
-            curr = copy.copy(self.get_next_node(curr, last_action))
+            curr = _copy(self.get_next_node(curr, last_action))
         return last_action
 
     def _run(self, shared: Any) -> Any:
@@ -200,21 +225,21 @@ class AsyncParallelBatchNode(_Parallel, AsyncNode, BatchNode):
     async def _exec(self, items: Iterable[Any] | None) -> list[Any]:
         # Each item runs on its own shallow copy (as a flow does per visit), so self.cur_retry is per item.
         def one(item: Any) -> Awaitable[Any]:
-            return super(AsyncParallelBatchNode, copy.copy(self))._exec(item)
+            return super(AsyncParallelBatchNode, _copy(self))._exec(item)
 
         return await map_parallel(one, items or [], self.max_concurrency, self.mode)
 
 
 class AsyncFlow(Flow, AsyncNode):
     async def _orch_async(self, shared: Any, params: dict[str, Any] | None = None) -> Any:
-        curr, p, last_action = copy.copy(self.start_node), (params or {**self.params}), None
+        curr, p, last_action = _copy(self.start_node), (params or {**self.params}), None
         while curr:
             curr.set_params(p)
             if isinstance(curr, AsyncNode):
                 last_action = await curr._run_async(shared)
             else:
                 last_action = curr._run(shared)
-            curr = copy.copy(self.get_next_node(curr, last_action))
+            curr = _copy(self.get_next_node(curr, last_action))
         return last_action
 
     async def _run_async(self, shared: Any) -> Any:
