@@ -362,10 +362,11 @@ def _report(n: int, runs: list[Run], dropped: float, kept: float, traced: Run) -
         rate = f"{n / seconds:11,.0f}" if "of which" not in name else f"{'':11}"
         print(f"{name:44} {seconds:8.3f} {rate} {seconds / n * 1e6:11.1f}")
     print()
-    for name, base in (("results dropped", dropped), ("results kept", kept)):
+    # Issue 8 asked for 3× the peer; issue 14 for 2× the peer that keeps its results, as the path must.
+    for name, base, target in (("results dropped", dropped, 3), ("results kept", kept, 2)):
         ratio = client / base
-        verdict = "met" if ratio <= 3 else "missed"
-        print(f"ratio to json.dumps + json.loads, {name:16}: {ratio:4.1f}×  (target ≤ 3×: {verdict})")
+        verdict = "met" if ratio <= target else "missed"
+        print(f"ratio to json.dumps + json.loads, {name:16}: {ratio:4.1f}×  (target ≤ {target}×: {verdict})")
     print(
         f"peak memory (tracemalloc), client side: {traced.client_peak / n / 1024:6.2f} KiB/request "
         f"({traced.client_peak / 2**20:,.0f} MiB); with the emulator's copies: "

@@ -121,6 +121,46 @@ def llm_call(lib: ModuleType, items: int) -> Run:
     )
 
 
+def offline_call(lib: ModuleType, items: int) -> Run:
+    """The seed's node calling the offline provider with no latency and no client limits, as
+    bench/node_path.py runs it (without the journal): through call_llm_async in pocketbatch; awaiting the
+    offline provider's own coroutine in pocketflow, so the difference is pocketbatch's alone."""
+    import os
+
+    from pocketbatch import LLMRequest, call_llm_async, config
+    from pocketbatch.default_plugins.offline import OfflineProvider
+
+    os.environ.update(
+        POCKETBATCH_OFFLINE_LATENCY="0", POCKETBATCH_OFFLINE_RPM="0", POCKETBATCH_OFFLINE_TPM="0",
+        POCKETBATCH_MODE="concurrent", POCKETBATCH_JOURNAL="off",
+    )  # fmt: skip
+    config.reload()
+    provider = OfflineProvider()
+    if lib.__name__ == "pocketbatch":
+        call = lambda text: call_llm_async(text, model="offline/offline-small")  # noqa: E731
+    else:
+        call = lambda text: provider.call_llm_async(LLMRequest.from_prompt(text, "offline-small"))  # noqa: E731
+
+    class Ask(lib.AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return shared["items"]
+
+        async def exec_async(self, item):
+            return await call(f"Summarize document {item}: the quick brown fox jumps over the lazy dog.")
+
+        async def post_async(self, shared, prep_res, exec_res):
+            shared["out"] = exec_res
+
+    shared: dict[str, Any] = {"items": list(range(items))}
+    flow = lib.AsyncFlow(Ask())
+    return Run(
+        start=lambda: flow.run_async(shared),
+        check=lambda: (
+            len(shared["out"]) == items and all(f"document {i}:" in r for i, r in enumerate(shared["out"]))
+        ),
+    )
+
+
 CASES: dict[str, Case] = {
     "parallel_node": Case(
         "AsyncParallelBatchNode in an AsyncFlow, exec_async returns item * 2 without awaiting",
@@ -131,6 +171,13 @@ CASES: dict[str, Case] = {
         "call_llm_async and the engine, pocketflow awaiting the provider's coroutine directly (the "
         "engine's per-call overhead as a ratio to a bare coroutine call; no target)",
         llm_call,
+        targets=False,
+    ),
+    "offline_call": Case(
+        "the seed's node calling the offline provider (no latency, no client limits), as "
+        "bench/node_path.py runs it: pocketbatch through call_llm_async, pocketflow awaiting the "
+        "provider's coroutine directly (no target)",
+        offline_call,
         targets=False,
     ),
 }
