@@ -103,12 +103,18 @@ def llm_call(lib: ModuleType, items: int) -> Run:
     else:
         call = lambda text: provider.call_llm_async(LLMRequest.from_prompt(text, "zero"))  # noqa: E731
 
+    return asking(lib, items, call, str, lambda i, reply: reply == str(i))
+
+
+def asking(lib: ModuleType, items: int, call, prompt, right) -> Run:
+    """The seed's node: each item's exec_async awaits `call(prompt(item))`; `right(i, reply)` checks it."""
+
     class Ask(lib.AsyncParallelBatchNode):
         async def prep_async(self, shared):
             return shared["items"]
 
         async def exec_async(self, item):
-            return await call(str(item))
+            return await call(prompt(item))
 
         async def post_async(self, shared, prep_res, exec_res):
             shared["out"] = exec_res
@@ -117,7 +123,7 @@ def llm_call(lib: ModuleType, items: int) -> Run:
     flow = lib.AsyncFlow(Ask())
     return Run(
         start=lambda: flow.run_async(shared),
-        check=lambda: shared["out"] == [str(i) for i in range(items)],
+        check=lambda: len(shared["out"]) == items and all(right(i, r) for i, r in enumerate(shared["out"])),
     )
 
 
@@ -141,23 +147,12 @@ def offline_call(lib: ModuleType, items: int) -> Run:
     else:
         call = lambda text: provider.call_llm_async(LLMRequest.from_prompt(text, "offline-small"))  # noqa: E731
 
-    class Ask(lib.AsyncParallelBatchNode):
-        async def prep_async(self, shared):
-            return shared["items"]
-
-        async def exec_async(self, item):
-            return await call(f"Summarize document {item}: the quick brown fox jumps over the lazy dog.")
-
-        async def post_async(self, shared, prep_res, exec_res):
-            shared["out"] = exec_res
-
-    shared: dict[str, Any] = {"items": list(range(items))}
-    flow = lib.AsyncFlow(Ask())
-    return Run(
-        start=lambda: flow.run_async(shared),
-        check=lambda: (
-            len(shared["out"]) == items and all(f"document {i}:" in r for i, r in enumerate(shared["out"]))
-        ),
+    return asking(
+        lib,
+        items,
+        call,
+        lambda item: f"Summarize document {item}: the quick brown fox jumps over the lazy dog.",
+        lambda i, reply: f"document {i}:" in reply,
     )
 
 
