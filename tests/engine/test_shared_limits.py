@@ -189,3 +189,43 @@ async def test_hundreds_of_callers_reserving_at_once_do_not_read_as_redis_lost(r
     await limit.close()
     assert all(r is not None for r in reservations)
     assert limit.lost_at is None
+
+
+async def test_a_token_limit_far_above_the_calls_use_holds_no_process_back(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+    from pocketbatch.providers import Usage
+
+    # Two processes, 20 requests a second and 1,000 tokens a second between them; a call uses 5 tokens
+    # (100 a second at the full request rate), but before any answer its output is guessed at 256.
+    bounds: list[str] = []
+
+    def limiter():
+        made = Limiter(LimiterKey("p", "m", ""), Limits(rpm=1200, tpm=60_000), Limits())
+        made.shared = SharedLimit(redis_url, "p", "m", "")
+        reserve = made.shared.reserve
+
+        async def spied(*args):
+            reservation = await reserve(*args)
+            bounds.append(reservation.bound)
+            return reservation
+
+        made.shared.reserve = spied
+        return made
+
+    async def call(made: Limiter, request) -> None:
+        ticket = await made.acquire(request)
+        await asyncio.sleep(0.3)  # the call's latency: its tokens are corrected only after it
+        made.on_response(LLMResponse("ok", usage=Usage(2, 3)), ticket)
+        made.release(ticket)
+
+    a, b = limiter(), limiter()
+    await asyncio.gather(*(call(made, r) for made in (a, b) for r in requests(25)))
+    await asyncio.gather(*a._tasks, *b._tasks)
+    await a.shared.close()
+    await b.shared.close()
+    # Every caller queued at once; once the first answers taught the output size, the requests a
+    # second bound every admission, never the tokens that queued callers guessed when they came in.
+    assert len(bounds) == 50
+    assert bounds[10:].count("tpm") == 0

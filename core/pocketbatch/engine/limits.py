@@ -471,7 +471,6 @@ class Limiter:
                     publish,
                     self._rpm.rate if self._rpm.learn else None,
                     self._tpm.rate if self._tpm.learn else None,
-                    self._output_tokens,
                 )
             )
         try:
@@ -500,17 +499,15 @@ class Limiter:
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
             chars = _chars(request)
-            tokens = self._estimate(chars, request.max_tokens)
             while True:
                 await self._wait_pause()
-                if await self._reserve_shared(state, tokens):
+                if (tokens := await self._reserve_shared(state, chars, request.max_tokens)) is not None:
                     if self.paused_until <= time.monotonic():
                         break
                     continue
                 # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
                 # and requests it let out while they then waited for tokens would leave together.
-                if self._bucket(state, "tpm") is not None:
-                    await self._acquire_tokens(state, tokens)
+                tokens = await self._acquire_tokens(state, chars, request.max_tokens)
                 rpm = self._bucket(state, "rpm")
                 if rpm is not None and not rpm.has_capacity(1):
                     await rpm.acquire(1)
@@ -547,18 +544,23 @@ class Limiter:
             self._changed("grow")  # no growth before the first answer: nothing is known about the rate yet
         return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
 
-    async def _reserve_shared(self, state: _LoopState, tokens: int) -> bool:
-        """Admission through Redis; False when it is not configured or lost (then the local buckets
-        admit, at this process's share of the limit)."""
+    async def _reserve_shared(self, state: _LoopState, chars: int, max_tokens: int | None) -> int | None:
+        """Admission through Redis; the tokens reserved, or None when it is not configured or lost (then
+        the local buckets admit, at this process's share of the limit)."""
         shared = self.shared
         if shared is None:
             if self._loops_share is None:
-                return False
+                return None
         elif shared.lost():
-            return False
+            return None
         async with state.shared_lock:
             await self._wait_pause()
             rpm, tpm = self._rpm.rate, self._tpm.rate
+            # Estimated at its turn, not when the caller queued: callers that queued before the first
+            # answers taught the output size would each reserve the first guess (256 tokens), and the
+            # estimates of the calls in flight, corrected only when they answer, then hold a token limit
+            # far above what the calls use (a 200,000 TPM default gave ~14 requests a second).
+            tokens = self._estimate(chars, max_tokens)
             if shared is None:
                 reservation = await self._loops_share.reserve(
                     rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens
@@ -567,13 +569,13 @@ class Limiter:
                     (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
                 if reservation.wait > 0:
                     await asyncio.sleep(reservation.wait)
-                return True
+                return tokens
             reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
             if reservation is None:
                 if self._share == 1.0:
                     self._share = shared.share()
                     self._changed(None)
-                return False
+                return None
             if self._share != 1.0:
                 self._share = 1.0
                 self._changed(None)
@@ -583,7 +585,7 @@ class Limiter:
                 (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
             if reservation.wait > 0:
                 await asyncio.sleep(reservation.wait)
-        return True
+        return tokens
 
     def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
         """Take on what another process learned and stored in Redis."""
@@ -644,21 +646,27 @@ class Limiter:
         state.wave -= 1
         state.wake(everyone=False)
 
-    async def _acquire_tokens(self, state: _LoopState, tokens: int) -> None:
+    async def _acquire_tokens(self, state: _LoopState, chars: int, max_tokens: int | None) -> int:
+        """Take this request's tokens from the local bucket, if there is one; the estimate taken."""
+        if self._bucket(state, "tpm") is None:
+            return self._estimate(chars, max_tokens)
         # One caller at a time, in arrival order, so a large request is not overtaken forever by small
-        # ones; a request larger than the bucket pays in bucket-sized parts.
+        # ones; a request larger than the bucket pays in bucket-sized parts. Estimated at its turn, as
+        # through Redis (_reserve_shared), with what the answers so far taught.
         async with state.tpm_lock:
+            tokens = self._estimate(chars, max_tokens)
             left = float(tokens)
             while left > 0:
                 bucket = self._bucket(state, "tpm")
                 if bucket is None:
-                    return
+                    return tokens
                 part = min(left, bucket.max_rate)
                 waited = not bucket.has_capacity(part)
                 await bucket.acquire(part)
                 if waited:
                     self._tpm.queued = True
                 left -= part
+        return tokens
 
     def release(self, ticket: Ticket) -> None:
         self._in_flight -= 1
@@ -704,10 +712,13 @@ class Limiter:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
             self._reported(response.rate_limits)
-        if self.shared is not None and self._tpm.rate < INF and usage.input_tokens + usage.output_tokens:
-            # The token bucket took the estimate: move it by what the answer really used.
-            used = usage.input_tokens + usage.output_tokens
-            self._background(self.shared.correct(used - ticket.tokens, self._tpm.rate))
+        used = usage.input_tokens + usage.output_tokens
+        guessed = usage.output_tokens if ticket.output_guess and usage.output_tokens else None
+        if self.shared is not None and not self.shared.lost() and (used or guessed is not None):
+            # The token bucket took the estimate: move it by what the answer really used, and feed the
+            # output size every process estimates with (each reservation reads it back).
+            error = used - ticket.tokens if used else 0
+            self._background(self.shared.correct(error, self._tpm.rate, guessed))
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
         known = self.answered_at is not None and ticket.sent_at >= self.answered_at

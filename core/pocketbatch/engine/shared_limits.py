@@ -42,6 +42,7 @@ LEASE_SECONDS = 60.0  # a concurrency lease expires this long after it was last 
 POOL_CONNECTIONS = 32  # Redis connections per process and event loop; more callers wait for one
 LEASE_POLL = 0.01  # seconds between tries for a concurrency place when the cap is reached
 IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
+OUTPUT_EMA = 0.1  # weight of one answer in the shared running average of the output size (limits._EMA)
 
 # KEYS: requests tat, tokens tat, pause, processes, learned
 # ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
@@ -97,11 +98,20 @@ end
 return 1
 """
 
-# KEYS: tokens tat. ARGV: µs to add (negative: the answer used fewer tokens than reserved).
+# KEYS: tokens tat, learned. ARGV: µs to add to the tokens tat (negative: the answer used fewer tokens
+# than reserved), the output tokens of an answer whose size was guessed ("" for none), EMA weight, TTL.
+# Every process's answers feed one running average of the output size, which every reservation reads back.
 CORRECT = """
 local cur = redis.call('GET', KEYS[1])
-if not cur then return 0 end
-redis.call('SET', KEYS[1], string.format('%.0f', tonumber(cur) + tonumber(ARGV[1])), 'KEEPTTL')
+if cur and tonumber(ARGV[1]) ~= 0 then
+  redis.call('SET', KEYS[1], string.format('%.0f', tonumber(cur) + tonumber(ARGV[1])), 'KEEPTTL')
+end
+if ARGV[2] ~= '' then
+  local seen = tonumber(ARGV[2])
+  local out = tonumber(redis.call('HGET', KEYS[2], 'out') or ARGV[2])
+  redis.call('HSET', KEYS[2], 'out', string.format('%.3f', out + tonumber(ARGV[3]) * (seen - out)))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
 return 1
 """
 
@@ -116,7 +126,7 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) / 1000) + 1000)
 return 1
 """
 
-# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", rpm, tpm, output ("" for none), TTL.
+# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", rpm, tpm ("" for none), TTL.
 # "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch; "grow" only raises, and
 # only within the epoch its writer knows, so a process growing from an old value never undoes a decrease.
 LEARN = """
@@ -135,8 +145,7 @@ elseif tonumber(ARGV[1]) == epoch then
     end
   end
 end
-if ARGV[5] ~= '' then redis.call('HSET', KEYS[1], 'out', ARGV[5]) end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
 return epoch
 """
 
@@ -327,24 +336,25 @@ class SharedLimit:
         """Every process's next reservation starts after `seconds` from now (Redis's now)."""
         await self._run(PAUSE, [self._key("pause")], [f"{seconds * 1e6:.0f}"])
 
-    async def correct(self, tokens: int, tpm: float) -> None:
-        """The answer used `tokens` more (or fewer, when negative) than reserved: move the token
-        bucket by as much."""
-        if tpm == math.inf or not tokens:
+    async def correct(self, tokens: int, tpm: float, output_tokens: int | None = None) -> None:
+        """The answer used `tokens` more (or fewer, when negative) than reserved: move the token bucket by
+        as much. `output_tokens`: what an answer whose output size was guessed used, for the running
+        average every process estimates with."""
+        shift = 0 if tpm == math.inf else tokens * 1e6 / tpm
+        if not shift and output_tokens is None:
             return
-        await self._run(CORRECT, [self._key("tpm")], [f"{tokens * 1e6 / tpm:.0f}"])
+        out = "" if output_tokens is None else str(output_tokens)
+        keys = [self._key("tpm"), self._key("learned")]
+        await self._run(CORRECT, keys, [f"{shift:.0f}", out, OUTPUT_EMA, LEARNED_TTL])
 
-    async def learned(
-        self, epoch: int, how: str, rpm: float | None, tpm: float | None, output_tokens: float | None
-    ) -> None:
-        """Store what this process learned (per second), for every process, for LEARNED_TTL seconds:
+    async def learned(self, epoch: int, how: str, rpm: float | None, tpm: float | None) -> None:
+        """Store the rates this process learned (per second), for every process, for LEARNED_TTL seconds:
         `how` "set" after a decrease or a reported limit, "grow" after growth within `epoch`."""
 
         def text(value: float | None) -> str:
             return "" if value is None or value == math.inf else repr(value)
 
-        args = [epoch, how, text(rpm), text(tpm), text(output_tokens), LEARNED_TTL]
-        await self._run(LEARN, [self._key("learned")], args)
+        await self._run(LEARN, [self._key("learned")], [epoch, how, text(rpm), text(tpm), LEARNED_TTL])
 
     # -- the concurrency cap --------------------------------------------------------------------
 
