@@ -229,3 +229,40 @@ async def test_a_token_limit_far_above_the_calls_use_holds_no_process_back(redis
     # second bound every admission, never the tokens that queued callers guessed when they came in.
     assert len(bounds) == 50
     assert bounds[10:].count("tpm") == 0
+
+
+async def test_processes_growing_side_by_side_grow_the_shared_rate_as_one_would(redis_url):
+    from pocketbatch.engine.shared_limits import Learned, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "grow") for _ in range(2))
+    inf = float("inf")
+    await a.learned(0, "grow", Learned(10.0), None)  # nothing stored yet: a growth from 10 starts it
+    # Both saw 10 a second and grew it by their half of one round's doubling, from the same value: one
+    # after the other in Redis, the rate doubles, as one process alone would have grown it.
+    for limit in (a, b):
+        await limit.learned(0, "grow", Learned(10.0 * 2**0.5, before=10.0), None)
+    reservation = await a.reserve(inf, 1, inf, 1, 1)
+    assert reservation.rpm == pytest.approx(20.0)
+    # ... up to the ceiling the grower knew (the rate it recovers to after a 429)
+    await b.learned(0, "grow", Learned(40.0, before=20.0, ceiling=25.0), None)
+    assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(25.0)
+    await a.close()
+    await b.close()
+
+
+async def test_one_429_episode_decreases_the_shared_rate_once(redis_url):
+    from pocketbatch.engine.shared_limits import Learned, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "episode") for _ in range(2))
+    inf = float("inf")
+    sent = (await a.reserve(inf, 1, inf, 1, 1)).sent_at  # a request both processes' next ones follow
+    await a.learned(0, "set", Learned(8.0), None, sent_at=sent)  # its 429: the rate goes down
+    # Another process's 429 for a request sent before that decrease is the same episode: already answered.
+    await b.learned(0, "set", Learned(6.8), None, sent_at=sent)
+    after = await b.reserve(inf, 1, inf, 1, 1)
+    assert (after.rpm, after.epoch) == (pytest.approx(8.0), 1)
+    # A 429 for a request sent after it is a new one.
+    await b.learned(1, "set", Learned(6.8), None, sent_at=after.sent_at)
+    assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(6.8)
+    await a.close()
+    await b.close()

@@ -46,7 +46,7 @@ from aiolimiter import AsyncLimiter
 from ..config import Limits, settings
 from ..errors import LLMError, RateLimitError
 from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
-from .shared_limits import LoopsShare, SharedLimit, check_reachable
+from .shared_limits import Learned, LoopsShare, SharedLimit, check_reachable
 
 INF = math.inf
 
@@ -113,6 +113,7 @@ class Ticket:
     semaphore: _Cap | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
     lease: str | None = None  # its place under the concurrency cap shared through Redis
+    shared_sent: int | None = None  # Redis's time (µs) the shared reservation let it through at
 
 
 class _Rate:
@@ -156,9 +157,12 @@ class _Rate:
         lo, hi = ROUND_SECONDS
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
-    def grow(self, now: float, share: float = 1.0) -> bool:
+    def grow(self, now: float, share: float = 1.0, sent: float = INF) -> bool:
         """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
-        process's part of the evidence when several processes grow one shared rate (1/processes)."""
+        process's part of the evidence when several processes grow one shared rate (1/processes): Redis
+        applies each one's growth to the stored rate in turn, so together they grow it as one would.
+        `sent`: the rate requests (or tokens) actually went out at lately, which slow start may not pass
+        by more than twice (a rate nothing is sent at says nothing of the limit)."""
         dt = now - self.grown_at
         rnd = self.round_seconds()
         if dt < rnd / 4:
@@ -169,7 +173,7 @@ class _Rate:
         rounds = min(dt, 4 * rnd) / rnd * share  # idle stretches do not count as evidence
         anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
         if self.slow_start:
-            rate = self.rate * 2**rounds
+            rate = min(self.rate * 2**rounds, self.ceiling(sent))
         elif self.rate < RECOVER_TO * anchor:
             rate = min(RECOVER_TO * anchor, self.rate + RECOVER_STEP * anchor * rounds)
         else:
@@ -178,6 +182,16 @@ class _Rate:
             rate = self.rate + step * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
         self.rate = min(rate, self.cap)
         return True
+
+    def ceiling(self, sent: float = INF) -> float:
+        """The most that growth from here may reach: in slow start, twice the rate `sent` at; while
+        recovering after a 429, the rate it recovers to; else the cap. (Redis applies the growth of other
+        processes to the shared rate up to it.)"""
+        if self.slow_start:
+            return min(self.cap, max(self.rate, 2 * sent))
+        if not self.slow_start and self.anchor < INF and self.rate <= RECOVER_TO * self.anchor * 1.000001:
+            return min(self.cap, RECOVER_TO * self.anchor)
+        return self.cap
 
     def decrease(self, now: float, sent_at: float, observed: float, admitted: float | None = None) -> bool:
         """React to a 429 once per congestion episode; `observed` is the recent send rate, used when
@@ -460,19 +474,27 @@ class Limiter:
             bucket.set_rate(rate, capacity, self._version)
         return bucket
 
-    def _changed(self, publish: str | None = "set") -> None:
+    def _changed(
+        self,
+        publish: str | None = "set",
+        before: tuple[float, float] | None = None,
+        sent: tuple[float, float] = (INF, INF),
+        sent_at: int | None = None,
+    ) -> None:
         """The rates changed: buckets catch up; with Redis, other processes learn it ("set": a
-        decrease or a reported limit; "grow": growth; None: nothing to tell, e.g. taken from Redis)."""
+        decrease or a reported limit; "grow": growth from the rates `before`, while they were `sent` at
+        (per second, all processes); None: nothing to tell,
+        e.g. taken from Redis). `sent_at`: Redis's time when the request whose 429 made this decrease
+        was sent, so that one episode decreases the shared rate once, whichever processes saw it."""
         self._version += 1
         if publish and self.shared is not None and not self.shared.lost():
-            self._background(
-                self.shared.learned(
-                    self._epoch,
-                    publish,
-                    self._rpm.rate if self._rpm.learn else None,
-                    self._tpm.rate if self._tpm.learn else None,
+            rates = [
+                Learned(rate.rate, old, rate.ceiling(now_sent)) if rate.learn else None
+                for rate, old, now_sent in zip(
+                    (self._rpm, self._tpm), before or (None, None), sent, strict=True
                 )
-            )
+            ]
+            self._background(self.shared.learned(self._epoch, publish, *rates, sent_at))
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:  # told outside a loop: every loop catches up on its next acquire
@@ -498,10 +520,11 @@ class Limiter:
                 lease = await self.shared.take_place(self.max_concurrency, settings().timeout)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
-            chars = _chars(request)
+            chars, shared_sent = _chars(request), None
             while True:
                 await self._wait_pause()
-                if (tokens := await self._reserve_shared(state, chars, request.max_tokens)) is not None:
+                if (reserved := await self._reserve_shared(state, chars, request.max_tokens)) is not None:
+                    tokens, shared_sent = reserved
                     if self.paused_until <= time.monotonic():
                         break
                     continue
@@ -540,13 +563,23 @@ class Limiter:
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
-        if self.answered_at is not None and self._rpm.grow(now, share) | self._tpm.grow(now, share):
-            self._changed("grow")  # no growth before the first answer: nothing is known about the rate yet
-        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
+        before = (self._rpm.rate, self._tpm.rate)
+        sent = (self._observed_requests(now) / share, self._observed_tokens(now) / share)
+        if self.answered_at is not None and (
+            self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1])
+        ):
+            self._changed(
+                "grow", before, sent
+            )  # not before the first answer: nothing is known of the rate yet
+        output_guess = request.max_tokens is None
+        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_sent)
 
-    async def _reserve_shared(self, state: _LoopState, chars: int, max_tokens: int | None) -> int | None:
-        """Admission through Redis; the tokens reserved, or None when it is not configured or lost (then
-        the local buckets admit, at this process's share of the limit)."""
+    async def _reserve_shared(
+        self, state: _LoopState, chars: int, max_tokens: int | None
+    ) -> tuple[int, int | None] | None:
+        """Admission through Redis: the tokens reserved and Redis's time of the send (None between the
+        loops of one process); None when it is not configured or lost (then the local buckets admit, at
+        this process's share of the limit)."""
         shared = self.shared
         if shared is None:
             if self._loops_share is None:
@@ -569,7 +602,7 @@ class Limiter:
                     (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
                 if reservation.wait > 0:
                     await asyncio.sleep(reservation.wait)
-                return tokens
+                return tokens, None
             reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
             if reservation is None:
                 if self._share == 1.0:
@@ -579,23 +612,29 @@ class Limiter:
             if self._share != 1.0:
                 self._share = 1.0
                 self._changed(None)
-            self._epoch = reservation.epoch
-            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
+            decreased, self._epoch = reservation.epoch > self._epoch, reservation.epoch
+            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens, decreased)
             if reservation.bound:  # demand: callers wait on this shared limit
                 (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
             if reservation.wait > 0:
                 await asyncio.sleep(reservation.wait)
-        return tokens
+        return tokens, reservation.sent_at
 
-    def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
-        """Take on what another process learned and stored in Redis."""
+    def _adopt(
+        self, rpm: float | None, tpm: float | None, output_tokens: float | None, decreased: bool
+    ) -> None:
+        """Take on what another process learned and stored in Redis. `decreased`: a process set the rates
+        since this one last read them (a new epoch: a 429's decrease or a reported limit)."""
         now, changed = time.monotonic(), False
         for rate, value in ((self._rpm, rpm), (self._tpm, tpm)):
             if value is None or not rate.learn or math.isclose(value, rate.rate, rel_tol=1e-6):
                 continue
-            if value < rate.rate * (DECREASE + 1) / 2:
-                # Another process slowed down after a 429 (not just grew from an older value than
-                # ours): this episode is answered for us too.
+            if not decreased and value < rate.rate:
+                # Growth within the epoch: a lower value is an older one (this process's own growth is
+                # still on its way to Redis), not a decrease; taking it for one ended slow start early.
+                continue
+            if decreased and value < rate.rate:
+                # Another process slowed down after a 429: this episode is answered for us too.
                 rate.anchor = min(rate.anchor, rate.rate)
                 rate.slow_start = False
                 rate.decreased_at = now
@@ -756,7 +795,7 @@ class Limiter:
             observed = scale * self._observed_requests(now)
             changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted)
         if changed:
-            self._changed()
+            self._changed(sent_at=ticket.shared_sent)
         # after the rate change, so the pause holds the bucket at its new rate
         self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
 

@@ -48,7 +48,8 @@ OUTPUT_EMA = 0.1  # weight of one answer in the shared running average of the ou
 # ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
 #       0 = unlimited), token burst span (µs), tokens, process id
 # Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or "",
-#          learned epoch or "", what bound the wait: 0 nothing or the pause, 1 requests, 2 tokens}
+#          learned epoch or "", what bound the wait: 0 nothing or the pause, 1 requests, 2 tokens,
+#          when the caller sends (µs, Redis's time)}
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -83,7 +84,8 @@ if ti > 0 then
   redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
 end
 local l = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out', 'epoch')
-return {string.format('%.0f', send - now), procs, l[1] or '', l[2] or '', l[3] or '', l[4] or '', bound}
+return {string.format('%.0f', send - now), procs, l[1] or '', l[2] or '', l[3] or '', l[4] or '', bound,
+        string.format('%.0f', send)}
 """.replace("IDLE", str(IDLE_MS))
 
 # KEYS: pause. ARGV: seconds (µs). Moves the shared pause to now + seconds unless it already ends later.
@@ -126,26 +128,36 @@ redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) / 1000) + 1000)
 return 1
 """
 
-# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", rpm, tpm ("" for none), TTL.
-# "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch; "grow" only raises, and
-# only within the epoch its writer knows, so a process growing from an old value never undoes a decrease.
+# KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", then for rpm and for tpm: the rate, the
+# rate it grew from, the most growth may reach ("" for none); the TTL; for a "set" after a 429, Redis's time
+# when the request that drew it was sent ("" for none).
+# "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch, once per episode: a 429 for a
+# request sent before the last "set" was answered by it, whichever process saw it. "grow" multiplies the
+# stored rate by the writer's growth, within the epoch its writer knows (a process growing from an old value
+# never undoes a decrease); processes that grow side by side by their shares compound, as one would grow.
 LEARN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if ARGV[2] == 'set' then
+  local since = tonumber(redis.call('HGET', KEYS[1], 'set_at') or '0')
+  if ARGV[10] ~= '' and tonumber(ARGV[10]) < since then return epoch end
   epoch = epoch + 1
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'set_at', string.format('%.0f', now))
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'rpm', ARGV[3]) end
-  if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'tpm', ARGV[4]) end
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[1], 'tpm', ARGV[6]) end
 elseif tonumber(ARGV[1]) == epoch then
   for i, name in ipairs({'rpm', 'tpm'}) do
-    local new = ARGV[2 + i]
-    local old = redis.call('HGET', KEYS[1], name)
-    if new ~= '' and (not old or tonumber(new) > tonumber(old)) then
-      redis.call('HSET', KEYS[1], name, new)
+    local new, before, ceiling = ARGV[3 * i], ARGV[3 * i + 1], ARGV[3 * i + 2]
+    if new ~= '' and before ~= '' then
+      local old = tonumber(redis.call('HGET', KEYS[1], name) or before)
+      local grown = old * tonumber(new) / tonumber(before)
+      if ceiling ~= '' then grown = math.min(grown, math.max(old, tonumber(ceiling))) end
+      if grown > old then redis.call('HSET', KEYS[1], name, string.format('%.6f', grown)) end
     end
   end
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[9]))
 return epoch
 """
 
@@ -189,6 +201,16 @@ class Reservation:
     output_tokens: float | None
     epoch: int  # how many times a process set the learned rates (a decrease): growth stays within one
     bound: str  # what made the caller wait: "" (nothing, or a pause), "rpm" or "tpm"
+    sent_at: int | None = None  # Redis's time (µs) when the caller sends (None between loops of a process)
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A learned rate (per second) to store; after growth, the rate it grew from and the most it may reach."""
+
+    rate: float
+    before: float | None = None
+    ceiling: float = math.inf
 
 
 class LoopsShare:
@@ -320,7 +342,7 @@ class SharedLimit:
         result = await self._run(RESERVE, keys, [*args, self.process, f"{PROCESS_WINDOW * 1e6:.0f}"])
         if result is None:
             return None
-        wait, procs, learned_rpm, learned_tpm, out, epoch, bound = result
+        wait, procs, learned_rpm, learned_tpm, out, epoch, bound, sent_at = result
         self.processes = int(procs)
         return Reservation(
             max(0.0, float(wait) / 1e6),
@@ -330,6 +352,7 @@ class SharedLimit:
             _num(out),
             int(_num(epoch) or 0),
             ("", "rpm", "tpm")[int(bound)],
+            int(sent_at),
         )
 
     async def pause(self, seconds: float) -> None:
@@ -347,14 +370,21 @@ class SharedLimit:
         keys = [self._key("tpm"), self._key("learned")]
         await self._run(CORRECT, keys, [f"{shift:.0f}", out, OUTPUT_EMA, LEARNED_TTL])
 
-    async def learned(self, epoch: int, how: str, rpm: float | None, tpm: float | None) -> None:
-        """Store the rates this process learned (per second), for every process, for LEARNED_TTL seconds:
-        `how` "set" after a decrease or a reported limit, "grow" after growth within `epoch`."""
+    async def learned(
+        self, epoch: int, how: str, rpm: Learned | None, tpm: Learned | None, sent_at: int | None = None
+    ) -> None:
+        """Store the rates this process learned, for every process, for LEARNED_TTL seconds: `how` "set"
+        after a decrease (`sent_at`: Redis's time the request that drew the 429 was sent) or a reported
+        limit, "grow" after growth within `epoch`."""
 
         def text(value: float | None) -> str:
             return "" if value is None or value == math.inf else repr(value)
 
-        await self._run(LEARN, [self._key("learned")], [epoch, how, text(rpm), text(tpm), LEARNED_TTL])
+        args: list = [epoch, how]
+        for rate in (rpm, tpm):
+            args += ["", "", ""] if rate is None else [text(rate.rate), text(rate.before), text(rate.ceiling)]
+        args += [LEARNED_TTL, "" if sent_at is None else sent_at]
+        await self._run(LEARN, [self._key("learned")], args)
 
     # -- the concurrency cap --------------------------------------------------------------------
 
