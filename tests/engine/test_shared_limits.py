@@ -266,3 +266,18 @@ async def test_one_429_episode_decreases_the_shared_rate_once(redis_url):
     assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(6.8)
     await a.close()
     await b.close()
+
+
+def test_a_run_on_redis_leaves_no_connection_open(tmp_path, redis_url):
+    # The shared limiter's Redis clients close with their event loop: with ResourceWarning an error, a
+    # connection left to the garbage collector prints "Exception ignored ... ResourceWarning" at exit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    env.update(POCKETBATCH_REDIS_URL=redis_url, POCKETBATCH_RPM=str(RPM), POCKETBATCH_JOURNAL="off")
+    env.update(POCKETBATCH_MAX_CONCURRENCY="4", PYTHONWARNINGS="error::ResourceWarning")
+    out = tmp_path / "books.json"
+    run = subprocess.run(
+        [sys.executable, str(WORKER), "20", str(out)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["ok"] == 20
+    assert "ResourceWarning" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr

@@ -283,7 +283,9 @@ class SharedLimit:
                 # No retries inside redis-py: a lost Redis must fall back at once, not stall every call.
                 retry=Retry(NoBackoff(), 0),
             )
-            client = aioredis.Redis(connection_pool=pool)
+            # from_pool: the client owns its pool and disconnects it when closed. Redis(connection_pool=)
+            # leaves a pool it was given open on aclose(), and its connections to the garbage collector.
+            client = aioredis.Redis.from_pool(pool)
             self._clients[loop] = client
             close_with_loop(client)  # its connections close with the loop, not at garbage collection
         return client
