@@ -281,3 +281,75 @@ def test_a_run_on_redis_leaves_no_connection_open(tmp_path, redis_url):
     assert run.returncode == 0, run.stderr
     assert json.loads(out.read_text())["ok"] == 20
     assert "ResourceWarning" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
+
+
+async def test_two_limiters_sharing_a_concurrency_cap_never_have_more_in_flight(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    cap, in_flight, most = 3, 0, 0
+
+    def limiter():  # each alone would let 3 through: only the cap in Redis holds the two to 3 together
+        made = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0, max_concurrency=cap), Limits())
+        made.shared = SharedLimit(redis_url, "p", "m", "")
+        return made
+
+    async def call(made: Limiter, request) -> None:
+        nonlocal in_flight, most
+        ticket = await made.acquire(request)
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        made.on_response(LLMResponse("ok"), ticket)
+        made.release(ticket)
+
+    a, b = limiter(), limiter()
+    await asyncio.gather(*(call(made, r) for made in (a, b) for r in requests(20)))
+    await asyncio.gather(*a._tasks, *b._tasks)
+    await a.shared.close()
+    await b.shared.close()
+    assert most == cap
+
+
+HOLDER = """
+import asyncio, sys
+from pocketbatch.engine.shared_limits import SharedLimit
+
+async def main():
+    limit = SharedLimit(sys.argv[1], "p", "m", "dead", lease_seconds=float(sys.argv[2]))
+    assert await limit.take_place(1)
+    print("held", flush=True)
+    await asyncio.sleep(60)  # killed before it frees its place
+
+asyncio.run(main())
+"""
+
+
+def test_a_holder_that_dies_frees_its_place_when_its_lease_expires(redis_url):
+    import time
+
+    from pocketbatch.engine.shared_limits import SEMAPHORE, SharedLimit
+
+    lease = 0.3
+    limit = SharedLimit(redis_url, "p", "m", "dead", lease_seconds=lease)
+
+    async def held() -> bool:  # one try at the one place, without waiting for it
+        args = [1, "probe", f"{lease * 1e6:.0f}"]
+        return await limit._run(SEMAPHORE, [limit._key("leases")], args) == 0
+
+    async def take_and_free() -> None:
+        place = await asyncio.wait_for(limit.take_place(1), timeout=30)
+        assert place is not None
+        await limit.free_place(place)
+
+    command = [sys.executable, "-c", HOLDER, redis_url, str(lease)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            time.sleep(4 * lease)  # past its first lease: the living holder renewed it
+            assert asyncio.run(held())
+        finally:
+            holder.kill()
+    asyncio.run(take_and_free())  # free once the dead holder's lease expired

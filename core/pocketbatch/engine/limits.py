@@ -517,7 +517,7 @@ class Limiter:
         first_wave, lease = None, None
         try:
             if self.shared is not None and self.max_concurrency > 0 and not self.shared.lost():
-                lease = await self.shared.take_place(self.max_concurrency, settings().timeout)
+                lease = await self.shared.take_place(self.max_concurrency)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
             chars, shared_sent = _chars(request), None

@@ -8,7 +8,8 @@ tokens, the pause after a 429, what was learned, and the concurrency cap of one 
 - A 429's pause is a time in Redis that every reservation starts after. Rates learned from headers or
   429s and the learned output tokens are stored with a TTL (a stale value expires) and read back by
   every reservation, so every process sends at the rate the last one learned.
-- The concurrency cap is a sorted set of leases that expire: a holder that dies frees its place.
+- The concurrency cap is a sorted set of leases that expire unless their holder renews them while its
+  call runs: a holder that dies frees its place within LEASE_SECONDS.
 - Only hashes of keys and numbers are written: never an API key, never a prompt.
 
 When Redis stops answering mid-run, `SharedLimit.lost()` is True: the `Limiter` goes on with its local
@@ -38,7 +39,10 @@ log = logging.getLogger("pocketbatch")
 PROCESS_WINDOW = 10.0  # seconds: a process that reserved within this window counts for the local share
 RETRY_SECONDS = 1.0  # while Redis is lost, try it again this often
 LEARNED_TTL = 600  # seconds a learned rate or output size lives in Redis without being written again
-LEASE_SECONDS = 60.0  # a concurrency lease expires this long after it was last renewed
+# A concurrency lease expires this long after it was last renewed; a holder renews it every third of that
+# while its call runs, so a process that dies mid-call frees its place within this time, however long the
+# call was allowed to take.
+LEASE_SECONDS = 10.0
 POOL_CONNECTIONS = 32  # Redis connections per process and event loop; more callers wait for one
 LEASE_POLL = 0.01  # seconds between tries for a concurrency place when the cap is reached
 IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
@@ -125,6 +129,16 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
 redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[3]) / 1000) + 1000)
+return 1
+"""
+
+# KEYS: leases. ARGV: lease id, lease µs. Moves a lease still held to expire `lease µs` from now.
+RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], math.floor(tonumber(ARGV[2]) / 1000) + 1000)
+end
 return 1
 """
 
@@ -247,8 +261,12 @@ class SharedLimit:
     """The Redis side of one limiter. Every method returns None (and marks the limit lost) when Redis
     does not answer; the caller then goes on locally."""
 
-    def __init__(self, url: str, provider: str, model: str, key: str) -> None:
+    def __init__(
+        self, url: str, provider: str, model: str, key: str, lease_seconds: float = LEASE_SECONDS
+    ) -> None:
         self.url = url
+        self.lease_seconds = lease_seconds
+        self._renewals: dict[str, asyncio.Task] = {}  # lease id -> the task that keeps it alive
         tag = hashlib.sha256(f"{provider}\0{model}\0{key}".encode()).hexdigest()[:20]
         self.prefix = f"pocketbatch:{{{tag}}}:"
         self.process = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -390,22 +408,34 @@ class SharedLimit:
 
     # -- the concurrency cap --------------------------------------------------------------------
 
-    async def take_place(self, cap: int, timeout: float) -> str | None:
+    async def take_place(self, cap: int) -> str | None:
         """Wait for one of `cap` places across processes; the lease id, or None when Redis is lost
-        (the caller then relies on its local semaphore alone)."""
+        (the caller then relies on its local semaphore alone). The lease is renewed until free_place."""
         lease = uuid.uuid4().hex
-        seconds = max(LEASE_SECONDS, timeout + 5)
+        lease_us = f"{self.lease_seconds * 1e6:.0f}"
         while True:
-            got = await self._run(SEMAPHORE, [self._key("leases")], [cap, lease, f"{seconds * 1e6:.0f}"])
+            got = await self._run(SEMAPHORE, [self._key("leases")], [cap, lease, lease_us])
             if got is None:
                 return None
             if int(got):
+                self._renewals[lease] = asyncio.get_running_loop().create_task(self._renew(lease))
                 return lease
             await asyncio.sleep(LEASE_POLL)
+
+    async def _renew(self, lease: str) -> None:
+        """Keep `lease` alive while its call runs (a lost Redis skips a turn: the lease may then expire,
+        and the place is counted by the local semaphore alone, as when Redis is lost at take_place)."""
+        lease_us = f"{self.lease_seconds * 1e6:.0f}"
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            await self._run(RENEW, [self._key("leases")], [lease, lease_us])
 
     async def free_place(self, lease: str) -> None:
         import redis
 
+        renewal = self._renewals.pop(lease, None)
+        if renewal is not None:
+            renewal.cancel()
         try:
             await self._client().zrem(self._key("leases"), lease)
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
