@@ -144,7 +144,7 @@ async def test_the_token_estimate_is_corrected_after_the_answer(redis_url):
     assert (await shared.reserve(inf, 1, 100.0, 100.0, 100)).wait == 0  # a bucket of 100 tokens, full
     second = await shared.reserve(inf, 1, 100.0, 100.0, 100)
     assert 0.9 < second.wait <= 1.0 and second.bound == "tpm"  # a second of tokens to wait for
-    await shared.correct(-150, 100.0)  # both answers used 25 tokens, not 100
+    await shared.answered(-150, 100.0)  # both answers used 25 tokens, not 100
     assert (await shared.reserve(inf, 1, 100.0, 100.0, 50)).wait < 0.1
     await shared.close()
 
@@ -255,14 +255,14 @@ async def test_one_429_episode_decreases_the_shared_rate_once(redis_url):
 
     a, b = (SharedLimit(redis_url, "p", "m", "episode") for _ in range(2))
     inf = float("inf")
-    sent = (await a.reserve(inf, 1, inf, 1, 1)).sent_at  # a request both processes' next ones follow
-    await a.learned(0, "set", Learned(8.0), None, sent_at=sent)  # its 429: the rate goes down
+    sent = (await a.reserve(inf, 1, inf, 1, 1)).reserved_at  # a request both processes' next ones follow
+    await a.learned(0, "set", Learned(8.0), None, reserved_at=sent)  # its 429: the rate goes down
     # Another process's 429 for a request sent before that decrease is the same episode: already answered.
-    await b.learned(0, "set", Learned(6.8), None, sent_at=sent)
+    await b.learned(0, "set", Learned(6.8), None, reserved_at=sent)
     after = await b.reserve(inf, 1, inf, 1, 1)
     assert (after.rpm, after.epoch) == (pytest.approx(8.0), 1)
     # A 429 for a request sent after it is a new one.
-    await b.learned(1, "set", Learned(6.8), None, sent_at=after.sent_at)
+    await b.learned(1, "set", Learned(6.8), None, reserved_at=after.reserved_at)
     assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(6.8)
     await a.close()
     await b.close()
@@ -353,3 +353,18 @@ def test_a_holder_that_dies_frees_its_place_when_its_lease_expires(redis_url):
         finally:
             holder.kill()
     asyncio.run(take_and_free())  # free once the dead holder's lease expired
+
+
+async def test_every_process_answers_count_in_one_shared_rate_of_answers(redis_url):
+    from pocketbatch.engine.shared_limits import ANSWERS_SECONDS, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "answers") for _ in range(2))
+    inf = float("inf")
+    assert (await a.reserve(inf, 1, inf, 1, 1)).answers is None  # nothing answered yet
+    for limit in (a, b) * 5:
+        await limit.answered(0, inf)
+    # Ten answers just now, from two processes: what slow start resumes under when it overshoots.
+    answers = (await b.reserve(inf, 1, inf, 1, 1)).answers
+    assert answers == pytest.approx(10 / ANSWERS_SECONDS, rel=0.05)
+    await a.close()
+    await b.close()

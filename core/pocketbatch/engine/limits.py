@@ -113,7 +113,7 @@ class Ticket:
     semaphore: _Cap | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
     lease: str | None = None  # its place under the concurrency cap shared through Redis
-    shared_sent: int | None = None  # Redis's time (µs) the shared reservation let it through at
+    shared_reserved: int | None = None  # Redis's time (µs) when it was reserved there
 
 
 class _Rate:
@@ -170,14 +170,15 @@ class _Rate:
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
             return False
-        rounds = min(dt, 4 * rnd) / rnd * share  # idle stretches do not count as evidence
+        elapsed = min(dt, 4 * rnd) / rnd  # rounds of demand (idle stretches do not count as evidence)
+        rounds = elapsed * share
         anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
         if self.slow_start:
             rate = min(self.rate * 2**rounds, self.ceiling(sent))
         elif self.rate < RECOVER_TO * anchor:
             rate = min(RECOVER_TO * anchor, self.rate + RECOVER_STEP * anchor * rounds)
         else:
-            self.probing += rounds
+            self.probing += elapsed  # time probing, which every process spends at once: not a share
             step = PROBE_STEP / 2 ** min(self.confirmed, MAX_CONFIRMED)
             rate = self.rate + step * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
         self.rate = min(rate, self.cap)
@@ -193,12 +194,16 @@ class _Rate:
             return min(self.cap, RECOVER_TO * self.anchor)
         return self.cap
 
-    def decrease(self, now: float, sent_at: float, observed: float, admitted: float | None = None) -> bool:
+    def decrease(
+        self, now: float, sent_at: float, observed: float, admitted: float | None = None, shared: bool = False
+    ) -> bool:
         """React to a 429 once per congestion episode; `observed` is the recent send rate, used when
         the rate was unlimited; `admitted` the rate of answers the provider gave over the last round, the
-        best estimate of the limit that slow start has just overshot. True when the rate changed."""
-        if self.fixed_unlimited or sent_at < self.decreased_at:
-            return False  # sent before the last decrease: that episode is already answered
+        best estimate of the limit that slow start has just overshot. `shared`: the rate is shared by
+        processes through Redis, where an episode lasts a round past the decrease (the other processes
+        take the new rate up at their next reservation). True when the rate changed."""
+        if self.fixed_unlimited or sent_at < self.decreased_at + (self.round_seconds() if shared else 0.0):
+            return False  # sent before the last decrease took effect: that episode is already answered
         if self.rate == INF:
             # Nothing to scale down from: start below what was actually sent, and slow-start from there.
             self.rate = max(observed / 2, 1 / 60)
@@ -209,14 +214,23 @@ class _Rate:
             self.rate = max(RECOVER_TO * self.anchor, 1 / 60)
             self.slow_start = False
         else:
-            near = self.anchor < INF and abs(self.rate - self.anchor) <= CONFIRM_BAND * self.anchor
-            self.confirmed = self.confirmed + 1 if near else 0
-            self.anchor = self.rate
-            self.rate = max(self.rate * DECREASE, 1 / 60)
-            self.slow_start = False
+            self.decreased(now, max(self.rate * DECREASE, 1 / 60))
+            return True
         self.probing = 0.0
         self.decreased_at = now
         return True
+
+    def decreased(self, now: float, rate: float, anchor: float | None = None) -> None:
+        """A 429 at the current rate: go down to `rate` (this process's decrease, or another's taken up
+        from Redis), recover toward `anchor` (the rate that drew the 429: the current one unless given),
+        and probe past it more slowly if the 429 came where the last one did."""
+        near = self.anchor < INF and abs(self.rate - self.anchor) <= CONFIRM_BAND * self.anchor
+        self.confirmed = self.confirmed + 1 if near else 0
+        self.anchor = self.rate if anchor is None else anchor
+        self.rate = rate
+        self.slow_start = False
+        self.probing = 0.0
+        self.decreased_at = now
 
     def reported(self, limit_per_minute: int) -> bool:
         """The provider said what the limit is; True when the rate changed."""
@@ -370,6 +384,7 @@ class Limiter:
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
         self.shared: SharedLimit | None = None  # set by limiter_for when POCKETBATCH_REDIS_URL is
         self._epoch = 0  # the epoch of the learned rates in Redis this limiter last saw
+        self._shared_answers: float | None = None  # answers a second, all processes, at the last reservation
         self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
         self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
         # Admission shared by the event loops of this process, once more than one uses this limiter
@@ -479,13 +494,14 @@ class Limiter:
         publish: str | None = "set",
         before: tuple[float, float] | None = None,
         sent: tuple[float, float] = (INF, INF),
-        sent_at: int | None = None,
+        reserved_at: int | None = None,
     ) -> None:
         """The rates changed: buckets catch up; with Redis, other processes learn it ("set": a
         decrease or a reported limit; "grow": growth from the rates `before`, while they were `sent` at
         (per second, all processes); None: nothing to tell,
-        e.g. taken from Redis). `sent_at`: Redis's time when the request whose 429 made this decrease
-        was sent, so that one episode decreases the shared rate once, whichever processes saw it."""
+        e.g. taken from Redis). `reserved_at`: Redis's time when the request whose 429 made this
+        decrease was reserved, so that one episode decreases the shared rate once, whichever processes
+        saw it."""
         self._version += 1
         if publish and self.shared is not None and not self.shared.lost():
             rates = [
@@ -494,7 +510,9 @@ class Limiter:
                     (self._rpm, self._tpm), before or (None, None), sent, strict=True
                 )
             ]
-            self._background(self.shared.learned(self._epoch, publish, *rates, sent_at))
+            self._background(
+                self.shared.learned(self._epoch, publish, *rates, reserved_at, self._rpm.round_seconds())
+            )
         try:
             state = self._loops.get(asyncio.get_running_loop())
         except RuntimeError:  # told outside a loop: every loop catches up on its next acquire
@@ -520,11 +538,11 @@ class Limiter:
                 lease = await self.shared.take_place(self.max_concurrency)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
-            chars, shared_sent = _chars(request), None
+            chars, shared_reserved = _chars(request), None
             while True:
                 await self._wait_pause()
                 if (reserved := await self._reserve_shared(state, chars, request.max_tokens)) is not None:
-                    tokens, shared_sent = reserved
+                    tokens, shared_reserved = reserved
                     if self.paused_until <= time.monotonic():
                         break
                     continue
@@ -564,7 +582,9 @@ class Limiter:
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
         before = (self._rpm.rate, self._tpm.rate)
-        sent = (self._observed_requests(now) / share, self._observed_tokens(now) / share)
+        # What went out over the last round, all processes (a second's average lags a doubling rate).
+        sent_now = _per_second(self._sends, now, self._rpm.round_seconds()) / share
+        sent = (sent_now, sent_now * self._avg_tokens)
         if self.answered_at is not None and (
             self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1])
         ):
@@ -572,7 +592,7 @@ class Limiter:
                 "grow", before, sent
             )  # not before the first answer: nothing is known of the rate yet
         output_guess = request.max_tokens is None
-        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_sent)
+        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_reserved)
 
     async def _reserve_shared(
         self, state: _LoopState, chars: int, max_tokens: int | None
@@ -613,12 +633,13 @@ class Limiter:
                 self._share = 1.0
                 self._changed(None)
             decreased, self._epoch = reservation.epoch > self._epoch, reservation.epoch
+            self._shared_answers = reservation.answers
             self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens, decreased)
             if reservation.bound:  # demand: callers wait on this shared limit
                 (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
             if reservation.wait > 0:
                 await asyncio.sleep(reservation.wait)
-        return tokens, reservation.sent_at
+        return tokens, reservation.reserved_at
 
     def _adopt(
         self, rpm: float | None, tpm: float | None, output_tokens: float | None, decreased: bool
@@ -634,11 +655,13 @@ class Limiter:
                 # still on its way to Redis), not a decrease; taking it for one ended slow start early.
                 continue
             if decreased and value < rate.rate:
-                # Another process slowed down after a 429: this episode is answered for us too.
-                rate.anchor = min(rate.anchor, rate.rate)
-                rate.slow_start = False
-                rate.decreased_at = now
-            rate.rate = min(value, rate.cap)
+                # Another process slowed down after a 429: this episode is answered for us too. It went
+                # down from the anchor as this process would have (out of slow start to RECOVER_TO of
+                # what was admitted, else by DECREASE): recover toward that, not this process's own rate.
+                anchor = value / (RECOVER_TO if rate.slow_start else DECREASE)
+                rate.decreased(now, min(value, rate.cap), min(rate.rate, anchor))
+            else:
+                rate.rate = min(value, rate.cap)
             changed = True
         if output_tokens is not None:
             self._output_tokens = output_tokens
@@ -751,13 +774,13 @@ class Limiter:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
             self._reported(response.rate_limits)
-        used = usage.input_tokens + usage.output_tokens
-        guessed = usage.output_tokens if ticket.output_guess and usage.output_tokens else None
-        if self.shared is not None and not self.shared.lost() and (used or guessed is not None):
-            # The token bucket took the estimate: move it by what the answer really used, and feed the
-            # output size every process estimates with (each reservation reads it back).
+        if self.shared is not None and not self.shared.lost():
+            # Count the answer for every process; the token bucket took the estimate: move it by what the
+            # answer really used, and feed the output size every process estimates with.
+            used = usage.input_tokens + usage.output_tokens
+            guessed = usage.output_tokens if ticket.output_guess and usage.output_tokens else None
             error = used - ticket.tokens if used else 0
-            self._background(self.shared.correct(error, self._tpm.rate, guessed))
+            self._background(self.shared.answered(error, self._tpm.rate, guessed))
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
         known = self.answered_at is not None and ticket.sent_at >= self.answered_at
@@ -788,14 +811,20 @@ class Limiter:
         # Shared through Redis, this process saw its part of what all of them sent and were admitted.
         scale = self.shared.processes if self.shared is not None and not self.shared.lost() else 1
         changed = False
+        shared = scale > 1
         if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
-            changed = self._tpm.decrease(now, ticket.sent_at, scale * self._observed_tokens(now))
+            observed = scale * self._observed_tokens(now)
+            changed = self._tpm.decrease(now, ticket.sent_at, observed, shared=shared)
         else:
-            admitted = scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            admitted = (
+                self._shared_answers  # every process's answers, counted in Redis
+                if shared and self._shared_answers
+                else scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            )
             observed = scale * self._observed_requests(now)
-            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted)
+            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted, shared)
         if changed:
-            self._changed(sent_at=ticket.shared_sent)
+            self._changed(reserved_at=ticket.shared_reserved)
         # after the rate change, so the pause holds the bucket at its new rate
         self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
 

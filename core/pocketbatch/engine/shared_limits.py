@@ -47,13 +47,14 @@ POOL_CONNECTIONS = 32  # Redis connections per process and event loop; more call
 LEASE_POLL = 0.01  # seconds between tries for a concurrency place when the cap is reached
 IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
 OUTPUT_EMA = 0.1  # weight of one answer in the shared running average of the output size (limits._EMA)
+ANSWERS_SECONDS = 1.0  # the shared rate of answers counts those of about this many seconds back
 
 # KEYS: requests tat, tokens tat, pause, processes, learned
 # ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
-#       0 = unlimited), token burst span (µs), tokens, process id
+#       0 = unlimited), token burst span (µs), tokens, process id, PROCESS_WINDOW (µs), ANSWERS_SECONDS (µs)
 # Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or "",
 #          learned epoch or "", what bound the wait: 0 nothing or the pause, 1 requests, 2 tokens,
-#          when the caller sends (µs, Redis's time)}
+#          now (µs, Redis's time: when this reservation was made), answers a second lately or ""}
 RESERVE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -87,9 +88,13 @@ if ti > 0 then
   local tat = math.max(ttat, send) + ti * tokens
   redis.call('SET', KEYS[2], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
 end
-local l = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out', 'epoch')
+local l = redis.call('HMGET', KEYS[5], 'rpm', 'tpm', 'out', 'epoch', 'answers', 'answers_at')
+local answers = ''
+if l[5] then
+  answers = string.format('%.6f', tonumber(l[5]) * math.exp(-(now - tonumber(l[6])) / tonumber(ARGV[8])))
+end
 return {string.format('%.0f', send - now), procs, l[1] or '', l[2] or '', l[3] or '', l[4] or '', bound,
-        string.format('%.0f', send)}
+        string.format('%.0f', now), answers}
 """.replace("IDLE", str(IDLE_MS))
 
 # KEYS: pause. ARGV: seconds (µs). Moves the shared pause to now + seconds unless it already ends later.
@@ -105,9 +110,14 @@ return 1
 """
 
 # KEYS: tokens tat, learned. ARGV: µs to add to the tokens tat (negative: the answer used fewer tokens
-# than reserved), the output tokens of an answer whose size was guessed ("" for none), EMA weight, TTL.
-# Every process's answers feed one running average of the output size, which every reservation reads back.
-CORRECT = """
+# than reserved), the output tokens of an answer whose size was guessed ("" for none), EMA weight, TTL,
+# ANSWERS_SECONDS (µs).
+# Every process's answers feed one running average of the output size, which every reservation reads back,
+# and one rate of answers (a count that decays over ANSWERS_SECONDS): what the provider admitted lately, all
+# processes together, which is where the rate resumes after slow start overshoots.
+ANSWERED = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cur = redis.call('GET', KEYS[1])
 if cur and tonumber(ARGV[1]) ~= 0 then
   redis.call('SET', KEYS[1], string.format('%.0f', tonumber(cur) + tonumber(ARGV[1])), 'KEEPTTL')
@@ -116,8 +126,12 @@ if ARGV[2] ~= '' then
   local seen = tonumber(ARGV[2])
   local out = tonumber(redis.call('HGET', KEYS[2], 'out') or ARGV[2])
   redis.call('HSET', KEYS[2], 'out', string.format('%.3f', out + tonumber(ARGV[3]) * (seen - out)))
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 end
+local tau = tonumber(ARGV[5])
+local a = redis.call('HMGET', KEYS[2], 'answers', 'answers_at')
+local rate = tonumber(a[1] or '0') * math.exp(-(now - tonumber(a[2] or now)) / tau) + 1000000 / tau
+redis.call('HSET', KEYS[2], 'answers', string.format('%.6f', rate), 'answers_at', string.format('%.0f', now))
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 return 1
 """
 
@@ -144,18 +158,20 @@ return 1
 
 # KEYS: learned. ARGV: the epoch the writer knows, "set" or "grow", then for rpm and for tpm: the rate, the
 # rate it grew from, the most growth may reach ("" for none); the TTL; for a "set" after a 429, Redis's time
-# when the request that drew it was sent ("" for none).
+# when the request that drew it was reserved ("" for none), and how long an episode lasts past a "set" (µs).
 # "set" (a 429's decrease, a reported limit) overwrites and starts a new epoch, once per episode: a 429 for a
-# request sent before the last "set" was answered by it, whichever process saw it. "grow" multiplies the
-# stored rate by the writer's growth, within the epoch its writer knows (a process growing from an old value
-# never undoes a decrease); processes that grow side by side by their shares compound, as one would grow.
+# request reserved before the last "set" took effect was answered by it, whichever process saw it (requests
+# reserved before it leave at the old rate after it, and the provider's window is empty for a while).
+# "grow" multiplies the stored rate by the writer's growth, within the epoch its writer knows (a process
+# growing from an old value never undoes a decrease); processes that grow side by side by their shares
+# compound, as one would grow.
 LEARN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if ARGV[2] == 'set' then
   local since = tonumber(redis.call('HGET', KEYS[1], 'set_at') or '0')
-  if ARGV[10] ~= '' and tonumber(ARGV[10]) < since then return epoch end
+  if ARGV[10] ~= '' and tonumber(ARGV[10]) < since + tonumber(ARGV[11]) then return epoch end
   epoch = epoch + 1
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'set_at', string.format('%.0f', now))
   if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'rpm', ARGV[3]) end
@@ -215,7 +231,8 @@ class Reservation:
     output_tokens: float | None
     epoch: int  # how many times a process set the learned rates (a decrease): growth stays within one
     bound: str  # what made the caller wait: "" (nothing, or a pause), "rpm" or "tpm"
-    sent_at: int | None = None  # Redis's time (µs) when the caller sends (None between loops of a process)
+    reserved_at: int | None = None  # Redis's time (µs) of this reservation (None between loops of a process)
+    answers: float | None = None  # answers a second lately, all processes together, if any
 
 
 @dataclass(frozen=True)
@@ -359,10 +376,11 @@ class SharedLimit:
         ti = 0 if tpm == math.inf else 1e6 / tpm
         keys = [self._key(k) for k in ("rpm", "tpm", "pause", "procs", "learned")]
         args = [f"{ri:.3f}", f"{ri * rpm_burst:.0f}", f"{ti:.6f}", f"{ti * tpm_burst:.0f}", tokens]
-        result = await self._run(RESERVE, keys, [*args, self.process, f"{PROCESS_WINDOW * 1e6:.0f}"])
+        more = [self.process, f"{PROCESS_WINDOW * 1e6:.0f}", f"{ANSWERS_SECONDS * 1e6:.0f}"]
+        result = await self._run(RESERVE, keys, [*args, *more])
         if result is None:
             return None
-        wait, procs, learned_rpm, learned_tpm, out, epoch, bound, sent_at = result
+        wait, procs, learned_rpm, learned_tpm, out, epoch, bound, reserved_at, answers = result
         self.processes = int(procs)
         return Reservation(
             max(0.0, float(wait) / 1e6),
@@ -372,30 +390,37 @@ class SharedLimit:
             _num(out),
             int(_num(epoch) or 0),
             ("", "rpm", "tpm")[int(bound)],
-            int(sent_at),
+            int(reserved_at),
+            _num(answers),
         )
 
     async def pause(self, seconds: float) -> None:
         """Every process's next reservation starts after `seconds` from now (Redis's now)."""
         await self._run(PAUSE, [self._key("pause")], [f"{seconds * 1e6:.0f}"])
 
-    async def correct(self, tokens: int, tpm: float, output_tokens: int | None = None) -> None:
-        """The answer used `tokens` more (or fewer, when negative) than reserved: move the token bucket by
-        as much. `output_tokens`: what an answer whose output size was guessed used, for the running
-        average every process estimates with."""
+    async def answered(self, tokens: int, tpm: float, output_tokens: int | None = None) -> None:
+        """The provider answered: count it in the shared rate of answers. It used `tokens` more (or fewer,
+        when negative) than reserved: move the token bucket by as much. `output_tokens`: what an answer
+        whose output size was guessed used, for the running average every process estimates with."""
         shift = 0 if tpm == math.inf else tokens * 1e6 / tpm
-        if not shift and output_tokens is None:
-            return
         out = "" if output_tokens is None else str(output_tokens)
         keys = [self._key("tpm"), self._key("learned")]
-        await self._run(CORRECT, keys, [f"{shift:.0f}", out, OUTPUT_EMA, LEARNED_TTL])
+        args = [f"{shift:.0f}", out, OUTPUT_EMA, LEARNED_TTL, f"{ANSWERS_SECONDS * 1e6:.0f}"]
+        await self._run(ANSWERED, keys, args)
 
     async def learned(
-        self, epoch: int, how: str, rpm: Learned | None, tpm: Learned | None, sent_at: int | None = None
+        self,
+        epoch: int,
+        how: str,
+        rpm: Learned | None,
+        tpm: Learned | None,
+        reserved_at: int | None = None,
+        episode: float = 0.0,
     ) -> None:
         """Store the rates this process learned, for every process, for LEARNED_TTL seconds: `how` "set"
-        after a decrease (`sent_at`: Redis's time the request that drew the 429 was sent) or a reported
-        limit, "grow" after growth within `epoch`."""
+        after a decrease (`reserved_at`: Redis's time the request that drew the 429 was reserved; a 429 for
+        a request reserved up to `episode` seconds after the last decrease is answered by it) or a
+        reported limit, "grow" after growth within `epoch`."""
 
         def text(value: float | None) -> str:
             return "" if value is None or value == math.inf else repr(value)
@@ -403,7 +428,7 @@ class SharedLimit:
         args: list = [epoch, how]
         for rate in (rpm, tpm):
             args += ["", "", ""] if rate is None else [text(rate.rate), text(rate.before), text(rate.ceiling)]
-        args += [LEARNED_TTL, "" if sent_at is None else sent_at]
+        args += [LEARNED_TTL, "" if reserved_at is None else reserved_at, f"{episode * 1e6:.0f}"]
         await self._run(LEARN, [self._key("learned")], args)
 
     # -- the concurrency cap --------------------------------------------------------------------
