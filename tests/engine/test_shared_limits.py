@@ -60,6 +60,17 @@ def max_in_window(times: list[float], seconds: float = 1.0) -> int:
     return best
 
 
+def shared_limiter(url: str, limits, defaults=None):
+    """What each process has: its own limiter and connection to Redis, one limit's keys there."""
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    made = Limiter(LimiterKey("p", "m", ""), limits, defaults or Limits())
+    made.shared = SharedLimit(url, "p", "m", "")
+    return made
+
+
 def test_two_processes_share_one_limit(tmp_path, redis_url):
     books = run_workers(tmp_path, redis_url, 60, [], [])
     assert [b["ok"] for b in books] == [60, 60]
@@ -151,16 +162,9 @@ async def test_the_token_estimate_is_corrected_after_the_answer(redis_url):
 
 async def test_a_rate_learned_by_one_process_is_taken_up_by_another(redis_url):
     from pocketbatch.config import Limits
-    from pocketbatch.engine.limits import Limiter, LimiterKey
-    from pocketbatch.engine.shared_limits import SharedLimit
     from pocketbatch.errors import RateLimitError
 
-    def limiter():  # what each process has: its own limiter and connection, one key in Redis
-        made = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
-        made.shared = SharedLimit(redis_url, "p", "m", "")
-        return made
-
-    a, b = limiter(), limiter()
+    a, b = (shared_limiter(redis_url, Limits(), Limits(600, 0, 0)) for _ in range(2))
     [request] = requests(1)
     ticket = await a.acquire(request)
     a.on_response(LLMResponse("ok"), ticket)
@@ -193,8 +197,7 @@ async def test_hundreds_of_callers_reserving_at_once_do_not_read_as_redis_lost(r
 
 async def test_a_token_limit_far_above_the_calls_use_holds_no_process_back(redis_url):
     from pocketbatch.config import Limits
-    from pocketbatch.engine.limits import Limiter, LimiterKey
-    from pocketbatch.engine.shared_limits import SharedLimit
+    from pocketbatch.engine.limits import Limiter
     from pocketbatch.providers import Usage
 
     # Two processes, 20 requests a second and 1,000 tokens a second between them; a call uses 5 tokens
@@ -202,8 +205,7 @@ async def test_a_token_limit_far_above_the_calls_use_holds_no_process_back(redis
     bounds: list[str] = []
 
     def limiter():
-        made = Limiter(LimiterKey("p", "m", ""), Limits(rpm=1200, tpm=60_000), Limits())
-        made.shared = SharedLimit(redis_url, "p", "m", "")
+        made = shared_limiter(redis_url, Limits(rpm=1200, tpm=60_000))
         reserve = made.shared.reserve
 
         async def spied(*args):
@@ -285,15 +287,9 @@ def test_a_run_on_redis_leaves_no_connection_open(tmp_path, redis_url):
 
 async def test_two_limiters_sharing_a_concurrency_cap_never_have_more_in_flight(redis_url):
     from pocketbatch.config import Limits
-    from pocketbatch.engine.limits import Limiter, LimiterKey
-    from pocketbatch.engine.shared_limits import SharedLimit
+    from pocketbatch.engine.limits import Limiter
 
     cap, in_flight, most = 3, 0, 0
-
-    def limiter():  # each alone would let 3 through: only the cap in Redis holds the two to 3 together
-        made = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0, max_concurrency=cap), Limits())
-        made.shared = SharedLimit(redis_url, "p", "m", "")
-        return made
 
     async def call(made: Limiter, request) -> None:
         nonlocal in_flight, most
@@ -305,7 +301,8 @@ async def test_two_limiters_sharing_a_concurrency_cap_never_have_more_in_flight(
         made.on_response(LLMResponse("ok"), ticket)
         made.release(ticket)
 
-    a, b = limiter(), limiter()
+    # Each alone would let 3 through: only the cap in Redis holds the two to 3 together.
+    a, b = (shared_limiter(redis_url, Limits(rpm=0, tpm=0, max_concurrency=cap)) for _ in range(2))
     await asyncio.gather(*(call(made, r) for made in (a, b) for r in requests(20)))
     await asyncio.gather(*a._tasks, *b._tasks)
     await a.shared.close()
