@@ -60,6 +60,17 @@ def max_in_window(times: list[float], seconds: float = 1.0) -> int:
     return best
 
 
+def shared_limiter(url: str, limits, defaults=None):
+    """What each process has: its own limiter and connection to Redis, one limit's keys there."""
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    made = Limiter(LimiterKey("p", "m", ""), limits, defaults or Limits())
+    made.shared = SharedLimit(url, "p", "m", "")
+    return made
+
+
 def test_two_processes_share_one_limit(tmp_path, redis_url):
     books = run_workers(tmp_path, redis_url, 60, [], [])
     assert [b["ok"] for b in books] == [60, 60]
@@ -144,23 +155,16 @@ async def test_the_token_estimate_is_corrected_after_the_answer(redis_url):
     assert (await shared.reserve(inf, 1, 100.0, 100.0, 100)).wait == 0  # a bucket of 100 tokens, full
     second = await shared.reserve(inf, 1, 100.0, 100.0, 100)
     assert 0.9 < second.wait <= 1.0 and second.bound == "tpm"  # a second of tokens to wait for
-    await shared.correct(-150, 100.0)  # both answers used 25 tokens, not 100
+    await shared.answered(-150, 100.0)  # both answers used 25 tokens, not 100
     assert (await shared.reserve(inf, 1, 100.0, 100.0, 50)).wait < 0.1
     await shared.close()
 
 
 async def test_a_rate_learned_by_one_process_is_taken_up_by_another(redis_url):
     from pocketbatch.config import Limits
-    from pocketbatch.engine.limits import Limiter, LimiterKey
-    from pocketbatch.engine.shared_limits import SharedLimit
     from pocketbatch.errors import RateLimitError
 
-    def limiter():  # what each process has: its own limiter and connection, one key in Redis
-        made = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
-        made.shared = SharedLimit(redis_url, "p", "m", "")
-        return made
-
-    a, b = limiter(), limiter()
+    a, b = (shared_limiter(redis_url, Limits(), Limits(600, 0, 0)) for _ in range(2))
     [request] = requests(1)
     ticket = await a.acquire(request)
     a.on_response(LLMResponse("ok"), ticket)
@@ -189,3 +193,175 @@ async def test_hundreds_of_callers_reserving_at_once_do_not_read_as_redis_lost(r
     await limit.close()
     assert all(r is not None for r in reservations)
     assert limit.lost_at is None
+
+
+async def test_a_token_limit_far_above_the_calls_use_holds_no_process_back(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter
+    from pocketbatch.providers import Usage
+
+    # Two processes, 20 requests a second and 1,000 tokens a second between them; a call uses 5 tokens
+    # (100 a second at the full request rate), but before any answer its output is guessed at 256.
+    bounds: list[str] = []
+
+    def limiter():
+        made = shared_limiter(redis_url, Limits(rpm=1200, tpm=60_000))
+        reserve = made.shared.reserve
+
+        async def spied(*args):
+            reservation = await reserve(*args)
+            bounds.append(reservation.bound)
+            return reservation
+
+        made.shared.reserve = spied
+        return made
+
+    async def call(made: Limiter, request) -> None:
+        ticket = await made.acquire(request)
+        await asyncio.sleep(0.3)  # the call's latency: its tokens are corrected only after it
+        made.on_response(LLMResponse("ok", usage=Usage(2, 3)), ticket)
+        made.release(ticket)
+
+    a, b = limiter(), limiter()
+    await asyncio.gather(*(call(made, r) for made in (a, b) for r in requests(25)))
+    await asyncio.gather(*a._tasks, *b._tasks)
+    await a.shared.close()
+    await b.shared.close()
+    # Every caller queued at once; once the first answers taught the output size, the requests a
+    # second bound every admission, never the tokens that queued callers guessed when they came in.
+    assert len(bounds) == 50
+    assert bounds[10:].count("tpm") == 0
+
+
+async def test_processes_growing_side_by_side_grow_the_shared_rate_as_one_would(redis_url):
+    from pocketbatch.engine.shared_limits import Learned, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "grow") for _ in range(2))
+    inf = float("inf")
+    await a.learned(0, "grow", Learned(10.0), None)  # nothing stored yet: a growth from 10 starts it
+    # Both saw 10 a second and grew it by their half of one round's doubling, from the same value: one
+    # after the other in Redis, the rate doubles, as one process alone would have grown it.
+    for limit in (a, b):
+        await limit.learned(0, "grow", Learned(10.0 * 2**0.5, before=10.0), None)
+    reservation = await a.reserve(inf, 1, inf, 1, 1)
+    assert reservation.rpm == pytest.approx(20.0)
+    # ... up to the ceiling the grower knew (the rate it recovers to after a 429)
+    await b.learned(0, "grow", Learned(40.0, before=20.0, ceiling=25.0), None)
+    assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(25.0)
+    await a.close()
+    await b.close()
+
+
+async def test_one_429_episode_decreases_the_shared_rate_once(redis_url):
+    from pocketbatch.engine.shared_limits import Learned, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "episode") for _ in range(2))
+    inf = float("inf")
+    sent = (await a.reserve(inf, 1, inf, 1, 1)).reserved_at  # a request both processes' next ones follow
+    await a.learned(0, "set", Learned(8.0), None, reserved_at=sent)  # its 429: the rate goes down
+    # Another process's 429 for a request sent before that decrease is the same episode: already answered.
+    await b.learned(0, "set", Learned(6.8), None, reserved_at=sent)
+    after = await b.reserve(inf, 1, inf, 1, 1)
+    assert (after.rpm, after.epoch) == (pytest.approx(8.0), 1)
+    # A 429 for a request sent after it is a new one.
+    await b.learned(1, "set", Learned(6.8), None, reserved_at=after.reserved_at)
+    assert (await a.reserve(inf, 1, inf, 1, 1)).rpm == pytest.approx(6.8)
+    await a.close()
+    await b.close()
+
+
+def test_a_run_on_redis_leaves_no_connection_open(tmp_path, redis_url):
+    # The shared limiter's Redis clients close with their event loop: with ResourceWarning an error, a
+    # connection left to the garbage collector prints "Exception ignored ... ResourceWarning" at exit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
+    env.update(POCKETBATCH_REDIS_URL=redis_url, POCKETBATCH_RPM=str(RPM), POCKETBATCH_JOURNAL="off")
+    env.update(POCKETBATCH_MAX_CONCURRENCY="4", PYTHONWARNINGS="error::ResourceWarning")
+    out = tmp_path / "books.json"
+    run = subprocess.run(
+        [sys.executable, str(WORKER), "20", str(out)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(out.read_text())["ok"] == 20
+    assert "ResourceWarning" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
+
+
+async def test_two_limiters_sharing_a_concurrency_cap_never_have_more_in_flight(redis_url):
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter
+
+    cap, in_flight, most = 3, 0, 0
+
+    async def call(made: Limiter, request) -> None:
+        nonlocal in_flight, most
+        ticket = await made.acquire(request)
+        in_flight += 1
+        most = max(most, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        made.on_response(LLMResponse("ok"), ticket)
+        made.release(ticket)
+
+    # Each alone would let 3 through: only the cap in Redis holds the two to 3 together.
+    a, b = (shared_limiter(redis_url, Limits(rpm=0, tpm=0, max_concurrency=cap)) for _ in range(2))
+    await asyncio.gather(*(call(made, r) for made in (a, b) for r in requests(20)))
+    await asyncio.gather(*a._tasks, *b._tasks)
+    await a.shared.close()
+    await b.shared.close()
+    assert most == cap
+
+
+HOLDER = """
+import asyncio, sys
+from pocketbatch.engine.shared_limits import SharedLimit
+
+async def main():
+    limit = SharedLimit(sys.argv[1], "p", "m", "dead", lease_seconds=float(sys.argv[2]))
+    assert await limit.take_place(1)
+    print("held", flush=True)
+    await asyncio.sleep(60)  # killed before it frees its place
+
+asyncio.run(main())
+"""
+
+
+def test_a_holder_that_dies_frees_its_place_when_its_lease_expires(redis_url):
+    import time
+
+    from pocketbatch.engine.shared_limits import SEMAPHORE, SharedLimit
+
+    lease = 0.3
+    limit = SharedLimit(redis_url, "p", "m", "dead", lease_seconds=lease)
+
+    async def held() -> bool:  # one try at the one place, without waiting for it
+        args = [1, "probe", f"{lease * 1e6:.0f}"]
+        return await limit._run(SEMAPHORE, [limit._key("leases")], args) == 0
+
+    async def take_and_free() -> None:
+        place = await asyncio.wait_for(limit.take_place(1), timeout=30)
+        assert place is not None
+        await limit.free_place(place)
+
+    command = [sys.executable, "-c", HOLDER, redis_url, str(lease)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as holder:
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            time.sleep(4 * lease)  # past its first lease: the living holder renewed it
+            assert asyncio.run(held())
+        finally:
+            holder.kill()
+    asyncio.run(take_and_free())  # free once the dead holder's lease expired
+
+
+async def test_every_process_answers_count_in_one_shared_rate_of_answers(redis_url):
+    from pocketbatch.engine.shared_limits import ANSWERS_SECONDS, SharedLimit
+
+    a, b = (SharedLimit(redis_url, "p", "m", "answers") for _ in range(2))
+    inf = float("inf")
+    assert (await a.reserve(inf, 1, inf, 1, 1)).answers is None  # nothing answered yet
+    for limit in (a, b) * 5:
+        await limit.answered(0, inf)
+    # Ten answers just now, from two processes: what slow start resumes under when it overshoots.
+    answers = (await b.reserve(inf, 1, inf, 1, 1)).answers
+    assert answers == pytest.approx(10 / ANSWERS_SECONDS, rel=0.05)
+    await a.close()
+    await b.close()

@@ -46,7 +46,7 @@ from aiolimiter import AsyncLimiter
 from ..config import Limits, settings
 from ..errors import LLMError, RateLimitError
 from ..providers import LLMRequest, LLMResponse, Provider, RateLimits
-from .shared_limits import LoopsShare, SharedLimit, check_reachable
+from .shared_limits import Learned, LoopsShare, SharedLimit, check_reachable
 
 INF = math.inf
 
@@ -113,6 +113,7 @@ class Ticket:
     semaphore: _Cap | None
     first_wave: _LoopState | None = None  # where it took a place in a learning limiter's first wave
     lease: str | None = None  # its place under the concurrency cap shared through Redis
+    shared_reserved: int | None = None  # Redis's time (µs) when it was reserved there
 
 
 class _Rate:
@@ -156,9 +157,12 @@ class _Rate:
         lo, hi = ROUND_SECONDS
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
-    def grow(self, now: float, share: float = 1.0) -> bool:
+    def grow(self, now: float, share: float = 1.0, sent: float = INF) -> bool:
         """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
-        process's part of the evidence when several processes grow one shared rate (1/processes)."""
+        process's part of the evidence when several processes grow one shared rate (1/processes): Redis
+        applies each one's growth to the stored rate in turn, so together they grow it as one would.
+        `sent`: the rate requests (or tokens) actually went out at lately, which slow start may not pass
+        by more than twice (a rate nothing is sent at says nothing of the limit)."""
         dt = now - self.grown_at
         rnd = self.round_seconds()
         if dt < rnd / 4:
@@ -166,25 +170,40 @@ class _Rate:
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
             return False
-        rounds = min(dt, 4 * rnd) / rnd * share  # idle stretches do not count as evidence
+        elapsed = min(dt, 4 * rnd) / rnd  # rounds of demand (idle stretches do not count as evidence)
+        rounds = elapsed * share
         anchor = min(self.anchor, self.rate) if self.anchor == INF else self.anchor
         if self.slow_start:
-            rate = self.rate * 2**rounds
+            rate = min(self.rate * 2**rounds, self.ceiling(sent))
         elif self.rate < RECOVER_TO * anchor:
             rate = min(RECOVER_TO * anchor, self.rate + RECOVER_STEP * anchor * rounds)
         else:
-            self.probing += rounds
+            self.probing += elapsed  # time probing, which every process spends at once: not a share
             step = PROBE_STEP / 2 ** min(self.confirmed, MAX_CONFIRMED)
             rate = self.rate + step * anchor * rounds * 2 ** (self.probing / PROBE_DOUBLING)
         self.rate = min(rate, self.cap)
         return True
 
-    def decrease(self, now: float, sent_at: float, observed: float, admitted: float | None = None) -> bool:
+    def ceiling(self, sent: float = INF) -> float:
+        """The most that growth from here may reach: in slow start, twice the rate `sent` at; while
+        recovering after a 429, the rate it recovers to; else the cap. (Redis applies the growth of other
+        processes to the shared rate up to it.)"""
+        if self.slow_start:
+            return min(self.cap, max(self.rate, 2 * sent))
+        if not self.slow_start and self.anchor < INF and self.rate <= RECOVER_TO * self.anchor * 1.000001:
+            return min(self.cap, RECOVER_TO * self.anchor)
+        return self.cap
+
+    def decrease(
+        self, now: float, sent_at: float, observed: float, admitted: float | None = None, shared: bool = False
+    ) -> bool:
         """React to a 429 once per congestion episode; `observed` is the recent send rate, used when
         the rate was unlimited; `admitted` the rate of answers the provider gave over the last round, the
-        best estimate of the limit that slow start has just overshot. True when the rate changed."""
-        if self.fixed_unlimited or sent_at < self.decreased_at:
-            return False  # sent before the last decrease: that episode is already answered
+        best estimate of the limit that slow start has just overshot. `shared`: the rate is shared by
+        processes through Redis, where an episode lasts a round past the decrease (the other processes
+        take the new rate up at their next reservation). True when the rate changed."""
+        if self.fixed_unlimited or sent_at < self.decreased_at + (self.round_seconds() if shared else 0.0):
+            return False  # sent before the last decrease took effect: that episode is already answered
         if self.rate == INF:
             # Nothing to scale down from: start below what was actually sent, and slow-start from there.
             self.rate = max(observed / 2, 1 / 60)
@@ -195,14 +214,23 @@ class _Rate:
             self.rate = max(RECOVER_TO * self.anchor, 1 / 60)
             self.slow_start = False
         else:
-            near = self.anchor < INF and abs(self.rate - self.anchor) <= CONFIRM_BAND * self.anchor
-            self.confirmed = self.confirmed + 1 if near else 0
-            self.anchor = self.rate
-            self.rate = max(self.rate * DECREASE, 1 / 60)
-            self.slow_start = False
+            self.decreased(now, max(self.rate * DECREASE, 1 / 60))
+            return True
         self.probing = 0.0
         self.decreased_at = now
         return True
+
+    def decreased(self, now: float, rate: float, anchor: float | None = None) -> None:
+        """A 429 at the current rate: go down to `rate` (this process's decrease, or another's taken up
+        from Redis), recover toward `anchor` (the rate that drew the 429: the current one unless given),
+        and probe past it more slowly if the 429 came where the last one did."""
+        near = self.anchor < INF and abs(self.rate - self.anchor) <= CONFIRM_BAND * self.anchor
+        self.confirmed = self.confirmed + 1 if near else 0
+        self.anchor = self.rate if anchor is None else anchor
+        self.rate = rate
+        self.slow_start = False
+        self.probing = 0.0
+        self.decreased_at = now
 
     def reported(self, limit_per_minute: int) -> bool:
         """The provider said what the limit is; True when the rate changed."""
@@ -357,6 +385,7 @@ class Limiter:
         self._avg_tokens = float(DEFAULT_OUTPUT_TOKENS)  # a typical request's estimate, a running average
         self.shared: SharedLimit | None = None  # set by limiter_for when POCKETBATCH_REDIS_URL is
         self._epoch = 0  # the epoch of the learned rates in Redis this limiter last saw
+        self._shared_answers: float | None = None  # answers a second, all processes, at the last reservation
         self._share = 1.0  # the fraction of the rates the local buckets use (below 1 while Redis is lost)
         self._tasks: set[asyncio.Task] = set()  # writes to Redis under way
         # Admission shared by the event loops of this process, once more than one uses this limiter
@@ -464,19 +493,29 @@ class Limiter:
             bucket.set_rate(rate, capacity, self._version)
         return bucket
 
-    def _changed(self, publish: str | None = "set") -> None:
+    def _changed(
+        self,
+        publish: str | None = "set",
+        before: tuple[float, float] | None = None,
+        sent: tuple[float, float] = (INF, INF),
+        reserved_at: int | None = None,
+    ) -> None:
         """The rates changed: buckets catch up; with Redis, other processes learn it ("set": a
-        decrease or a reported limit; "grow": growth; None: nothing to tell, e.g. taken from Redis)."""
+        decrease or a reported limit; "grow": growth from the rates `before`, while they were `sent` at
+        (per second, all processes); None: nothing to tell,
+        e.g. taken from Redis). `reserved_at`: Redis's time when the request whose 429 made this
+        decrease was reserved, so that one episode decreases the shared rate once, whichever processes
+        saw it."""
         self._version += 1
         if publish and self.shared is not None and not self.shared.lost():
-            self._background(
-                self.shared.learned(
-                    self._epoch,
-                    publish,
-                    self._rpm.rate if self._rpm.learn else None,
-                    self._tpm.rate if self._tpm.learn else None,
-                    self._output_tokens,
+            rates = [
+                Learned(rate.rate, old, rate.ceiling(now_sent)) if rate.learn else None
+                for rate, old, now_sent in zip(
+                    (self._rpm, self._tpm), before or (None, None), sent, strict=True
                 )
+            ]
+            self._background(
+                self.shared.learned(self._epoch, publish, *rates, reserved_at, self._rpm.round_seconds())
             )
         try:
             state = self._loops.get(asyncio.get_running_loop())
@@ -500,21 +539,20 @@ class Limiter:
         first_wave, lease = None, None
         try:
             if self.shared is not None and self.max_concurrency > 0 and not self.shared.lost():
-                lease = await self.shared.take_place(self.max_concurrency, settings().timeout)
+                lease = await self.shared.take_place(self.max_concurrency)
             if self.answered_at is None and (self._rpm.learn or self._tpm.learn):
                 first_wave = await self._join_first_wave(state)
-            chars = _chars(request)
-            tokens = self._estimate(chars, request.max_tokens)
+            chars, shared_reserved = _chars(request), None
             while True:
                 await self._wait_pause()
-                if await self._reserve_shared(state, tokens):
+                if (reserved := await self._reserve_shared(state, chars, request.max_tokens)) is not None:
+                    tokens, shared_reserved = reserved
                     if self.paused_until <= time.monotonic():
                         break
                     continue
                 # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
                 # and requests it let out while they then waited for tokens would leave together.
-                if self._bucket(state, "tpm") is not None:
-                    await self._acquire_tokens(state, tokens)
+                tokens = await self._acquire_tokens(state, chars, request.max_tokens)
                 rpm = self._bucket(state, "rpm")
                 if rpm is not None and not rpm.has_capacity(1):
                     await rpm.acquire(1)
@@ -547,22 +585,39 @@ class Limiter:
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
-        if self.answered_at is not None and self._rpm.grow(now, share) | self._tpm.grow(now, share):
-            self._changed("grow")  # no growth before the first answer: nothing is known about the rate yet
-        return Ticket(now, tokens, chars, request.max_tokens is None, semaphore, first_wave, lease)
+        before = (self._rpm.rate, self._tpm.rate)
+        # What went out over the last round, all processes (a second's average lags a doubling rate).
+        sent_now = _per_second(self._sends, now, self._rpm.round_seconds()) / share
+        sent = (sent_now, sent_now * self._avg_tokens)
+        if self.answered_at is not None and (
+            self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1])
+        ):
+            self._changed(
+                "grow", before, sent
+            )  # not before the first answer: nothing is known of the rate yet
+        output_guess = request.max_tokens is None
+        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_reserved)
 
-    async def _reserve_shared(self, state: _LoopState, tokens: int) -> bool:
-        """Admission through Redis; False when it is not configured or lost (then the local buckets
-        admit, at this process's share of the limit)."""
+    async def _reserve_shared(
+        self, state: _LoopState, chars: int, max_tokens: int | None
+    ) -> tuple[int, int | None] | None:
+        """Admission through Redis: the tokens reserved and Redis's time of the send (None between the
+        loops of one process); None when it is not configured or lost (then the local buckets admit, at
+        this process's share of the limit)."""
         shared = self.shared
         if shared is None:
             if self._loops_share is None:
-                return False
+                return None
         elif shared.lost():
-            return False
+            return None
         async with state.shared_lock:
             await self._wait_pause()
             rpm, tpm = self._rpm.rate, self._tpm.rate
+            # Estimated at its turn, not when the caller queued: callers that queued before the first
+            # answers taught the output size would each reserve the first guess (256 tokens), and the
+            # estimates of the calls in flight, corrected only when they answer, then hold a token limit
+            # far above what the calls use (a 200,000 TPM default gave ~14 requests a second).
+            tokens = self._estimate(chars, max_tokens)
             if shared is None:
                 reservation = await self._loops_share.reserve(
                     rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens
@@ -571,37 +626,46 @@ class Limiter:
                     (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
                 if reservation.wait > 0:
                     await asyncio.sleep(reservation.wait)
-                return True
+                return tokens, None
             reservation = await shared.reserve(rpm, _rpm_capacity(rpm), tpm, _tpm_capacity(tpm), tokens)
             if reservation is None:
                 if self._share == 1.0:
                     self._share = shared.share()
                     self._changed(None)
-                return False
+                return None
             if self._share != 1.0:
                 self._share = 1.0
                 self._changed(None)
-            self._epoch = reservation.epoch
-            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens)
+            decreased, self._epoch = reservation.epoch > self._epoch, reservation.epoch
+            self._shared_answers = reservation.answers
+            self._adopt(reservation.rpm, reservation.tpm, reservation.output_tokens, decreased)
             if reservation.bound:  # demand: callers wait on this shared limit
                 (self._rpm if reservation.bound == "rpm" else self._tpm).queued = True
             if reservation.wait > 0:
                 await asyncio.sleep(reservation.wait)
-        return True
+        return tokens, reservation.reserved_at
 
-    def _adopt(self, rpm: float | None, tpm: float | None, output_tokens: float | None) -> None:
-        """Take on what another process learned and stored in Redis."""
+    def _adopt(
+        self, rpm: float | None, tpm: float | None, output_tokens: float | None, decreased: bool
+    ) -> None:
+        """Take on what another process learned and stored in Redis. `decreased`: a process set the rates
+        since this one last read them (a new epoch: a 429's decrease or a reported limit)."""
         now, changed = time.monotonic(), False
         for rate, value in ((self._rpm, rpm), (self._tpm, tpm)):
             if value is None or not rate.learn or math.isclose(value, rate.rate, rel_tol=1e-6):
                 continue
-            if value < rate.rate * (DECREASE + 1) / 2:
-                # Another process slowed down after a 429 (not just grew from an older value than
-                # ours): this episode is answered for us too.
-                rate.anchor = min(rate.anchor, rate.rate)
-                rate.slow_start = False
-                rate.decreased_at = now
-            rate.rate = min(value, rate.cap)
+            if not decreased and value < rate.rate:
+                # Growth within the epoch: a lower value is an older one (this process's own growth is
+                # still on its way to Redis), not a decrease; taking it for one ended slow start early.
+                continue
+            if decreased and value < rate.rate:
+                # Another process slowed down after a 429: this episode is answered for us too. It went
+                # down from the anchor as this process would have (out of slow start to RECOVER_TO of
+                # what was admitted, else by DECREASE): recover toward that, not this process's own rate.
+                anchor = value / (RECOVER_TO if rate.slow_start else DECREASE)
+                rate.decreased(now, min(value, rate.cap), min(rate.rate, anchor))
+            else:
+                rate.rate = min(value, rate.cap)
             changed = True
         if output_tokens is not None:
             self._output_tokens = output_tokens
@@ -648,21 +712,27 @@ class Limiter:
         state.wave -= 1
         state.wake(everyone=False)
 
-    async def _acquire_tokens(self, state: _LoopState, tokens: int) -> None:
+    async def _acquire_tokens(self, state: _LoopState, chars: int, max_tokens: int | None) -> int:
+        """Take this request's tokens from the local bucket, if there is one; the estimate taken."""
+        if self._bucket(state, "tpm") is None:
+            return self._estimate(chars, max_tokens)
         # One caller at a time, in arrival order, so a large request is not overtaken forever by small
-        # ones; a request larger than the bucket pays in bucket-sized parts.
+        # ones; a request larger than the bucket pays in bucket-sized parts. Estimated at its turn, as
+        # through Redis (_reserve_shared), with what the answers so far taught.
         async with state.tpm_lock:
+            tokens = self._estimate(chars, max_tokens)
             left = float(tokens)
             while left > 0:
                 bucket = self._bucket(state, "tpm")
                 if bucket is None:
-                    return
+                    return tokens
                 part = min(left, bucket.max_rate)
                 waited = not bucket.has_capacity(part)
                 await bucket.acquire(part)
                 if waited:
                     self._tpm.queued = True
                 left -= part
+        return tokens
 
     def release(self, ticket: Ticket) -> None:
         self._in_flight -= 1
@@ -708,10 +778,13 @@ class Limiter:
             self._output_tokens += _EMA * (usage.output_tokens - self._output_tokens)
         if response.rate_limits is not None:
             self._reported(response.rate_limits)
-        if self.shared is not None and self._tpm.rate < INF and usage.input_tokens + usage.output_tokens:
-            # The token bucket took the estimate: move it by what the answer really used.
+        if self.shared is not None and not self.shared.lost():
+            # Count the answer for every process; the token bucket took the estimate: move it by what the
+            # answer really used, and feed the output size every process estimates with.
             used = usage.input_tokens + usage.output_tokens
-            self._background(self.shared.correct(used - ticket.tokens, self._tpm.rate))
+            guessed = usage.output_tokens if ticket.output_guess and usage.output_tokens else None
+            error = used - ticket.tokens if used else 0
+            self._background(self.shared.answered(error, self._tpm.rate, guessed))
 
     def on_error(self, error: LLMError, ticket: Ticket) -> None:
         known = self.answered_at is not None and ticket.sent_at >= self.answered_at
@@ -742,14 +815,20 @@ class Limiter:
         # Shared through Redis, this process saw its part of what all of them sent and were admitted.
         scale = self.shared.processes if self.shared is not None and not self.shared.lost() else 1
         changed = False
+        shared = scale > 1
         if tokens_exhausted or (self._rpm.fixed_unlimited and not self._tpm.fixed_unlimited):
-            changed = self._tpm.decrease(now, ticket.sent_at, scale * self._observed_tokens(now))
+            observed = scale * self._observed_tokens(now)
+            changed = self._tpm.decrease(now, ticket.sent_at, observed, shared=shared)
         else:
-            admitted = scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            admitted = (
+                self._shared_answers  # every process's answers, counted in Redis
+                if shared and self._shared_answers
+                else scale * _per_second(self._oks, now, self._rpm.round_seconds())
+            )
             observed = scale * self._observed_requests(now)
-            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted)
+            changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted, shared)
         if changed:
-            self._changed()
+            self._changed(reserved_at=ticket.shared_reserved)
         # after the rate change, so the pause holds the bucket at its new rate
         self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
 
