@@ -127,6 +127,13 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1500)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument(
+        "--default-tpm",
+        action="store_true",
+        help="leave the OpenAI plugin's default TPM in force instead of POCKETBATCH_OPENAI_TPM=0",
+    )
+    parser.add_argument("--actors", type=int, nargs="*", default=[1, 2, 4], help="pocketbatch's runs")
+    parser.add_argument("--no-ray-stage", action="store_true", help="leave out Ray's own HTTP stage")
     args = parser.parse_args()
     n, rate = args.rows, args.rate
 
@@ -139,17 +146,20 @@ def main() -> None:
                 OPENAI_BASE_URL=server.base_url,
                 POCKETBATCH_REDIS_URL=redis_url,
                 POCKETBATCH_OPENAI_RPM=str(int(rate * 60)),
-                POCKETBATCH_OPENAI_TPM="0",
                 POCKETBATCH_MODE="concurrent",
                 POCKETBATCH_JOURNAL="off",
                 RAY_AUTH_MODE="disabled",
             )
+            if not args.default_tpm:
+                os.environ["POCKETBATCH_OPENAI_TPM"] = "0"  # the server limits requests only
             # Logical CPUs: 4 actors of one CPU each must fit whatever the machine has.
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
             items = [{"id": i, "text": prompt(i), "text_in": prompt(i)} for i in range(n)]
-            contestants = [(f"pocketbatch map_flow, {a} actor{'s' * (a > 1)}", a) for a in (1, 2, 4)]
-            contestants.append(("Ray HttpRequestProcessorConfig, 2 actors", 0))
+            tpm = ", default TPM" if args.default_tpm else ""
+            contestants = [(f"pocketbatch map_flow, {a} actor{'s' * (a > 1)}{tpm}", a) for a in args.actors]
+            if not args.no_ray_stage:
+                contestants.append(("Ray HttpRequestProcessorConfig, 2 actors", 0))
             for name, actors in contestants:
                 import redis
 

@@ -193,7 +193,7 @@ def make_registering_flow():
 
 
 def test_an_actor_killed_mid_run_pays_for_no_job_twice(cluster, redis_url, monkeypatch, tmp_path):
-    jobs = offline_env(monkeypatch, tmp_path, redis_url, seconds=5)
+    jobs = offline_env(monkeypatch, tmp_path, redis_url, seconds=3)
     registry = Registry.options(name="pocketbatch-test-registry").remote()
     killed: list[float] = []
 
