@@ -158,15 +158,6 @@ def expected_text(i: int) -> str:
     return reply(LLMRequest.from_prompt(prompt(i), "offline-small"))[0]
 
 
-def test_mode_batch_makes_one_job_per_ray_batch(cluster, redis_url, monkeypatch, tmp_path):
-    jobs = offline_env(monkeypatch, tmp_path, redis_url, seconds=2)
-    rows = map_flow(dataset(600, 200), make_flow, batch_size=200, actors=2).take_all()
-    check_batches(rows, 200)
-    for row in rows:
-        assert (row["text"], row["via"], row["error"]) == (expected_text(row["id"]), "batch", None)
-    assert sorted(submitted(jobs)) == [list(range(b, b + 200)) for b in (0, 200, 400)]
-
-
 @ray.remote
 class Registry:
     """Where the flows' actors leave their handles, so the test can kill one."""
@@ -192,7 +183,12 @@ def make_registering_flow():
     return Registering()
 
 
-def test_an_actor_killed_mid_run_pays_for_no_job_twice(cluster, redis_url, monkeypatch, tmp_path):
+def test_mode_batch_makes_one_job_per_ray_batch_and_a_killed_actor_pays_for_none_twice(
+    cluster, redis_url, monkeypatch, tmp_path
+):
+    """mode=batch: one batch job per Ray batch, every row answered through it; an actor killed while its
+    job runs is restarted by Ray, and its batch's second run re-attaches to the job instead of paying
+    again. (One test for both: each map_flow starts its actors anew, seconds on two cores.)"""
     jobs = offline_env(monkeypatch, tmp_path, redis_url, seconds=3)
     registry = Registry.options(name="pocketbatch-test-registry").remote()
     killed: list[float] = []
