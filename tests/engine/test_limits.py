@@ -179,6 +179,18 @@ def test_token_estimates_count_max_tokens_and_learn_from_usage():
     assert limiter.estimate_tokens(_request("x" * 400)) == pytest.approx(200 + 10, abs=2)
 
 
+async def test_the_recent_sends_are_counted_when_a_rate_may_grow_not_on_every_call(monkeypatch):
+    counted = []
+    per_second = limits._per_second
+    monkeypatch.setattr(limits, "_per_second", lambda *a, **k: counted.append(1) or per_second(*a, **k))
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(0, 0, 0))  # learned, unlimited so far
+    ticket = await limiter.acquire(_request())
+    limiter.on_response(LLMResponse("ok", usage=Usage(1, 1)), ticket)
+    for _ in range(2000):
+        limiter.release(await limiter.acquire(_request()))
+    assert len(counted) < 100  # a few a round (a round is at least a fraction of a second), not 2,000
+
+
 async def test_a_429_pauses_everyone_for_its_retry_after():
     limiter = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(0, 0, 0))
     ticket = await limiter.acquire(_request())

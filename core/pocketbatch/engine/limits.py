@@ -157,6 +157,10 @@ class _Rate:
         lo, hi = ROUND_SECONDS
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
+    def due(self, now: float) -> bool:
+        """Whether `grow` would look at the evidence now (a quarter of a round since it last did)."""
+        return now - self.grown_at >= self.round_seconds() / 4
+
     def grow(self, now: float, share: float = 1.0, sent: float = INF) -> bool:
         """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
         process's part of the evidence when several processes grow one shared rate (1/processes): Redis
@@ -165,7 +169,7 @@ class _Rate:
         by more than twice (a rate nothing is sent at says nothing of the limit)."""
         dt = now - self.grown_at
         rnd = self.round_seconds()
-        if dt < rnd / 4:
+        if not self.due(now):
             return False
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
@@ -585,16 +589,15 @@ class Limiter:
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
-        before = (self._rpm.rate, self._tpm.rate)
-        # What went out over the last round, all processes (a second's average lags a doubling rate).
-        sent_now = _per_second(self._sends, now, self._rpm.round_seconds()) / share
-        sent = (sent_now, sent_now * self._avg_tokens)
-        if self.answered_at is not None and (
-            self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1])
-        ):
-            self._changed(
-                "grow", before, sent
-            )  # not before the first answer: nothing is known of the rate yet
+        # Not before the first answer: nothing is known of the rate yet. And only when a rate is due to
+        # grow: counting what went out reads the recent sends, which on every call cost more than the call.
+        if self.answered_at is not None and (self._rpm.due(now) or self._tpm.due(now)):
+            before = (self._rpm.rate, self._tpm.rate)
+            # What went out over the last round, all processes (a second's average lags a doubling rate).
+            sent_now = _per_second(self._sends, now, self._rpm.round_seconds()) / share
+            sent = (sent_now, sent_now * self._avg_tokens)
+            if self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1]):
+                self._changed("grow", before, sent)
         output_guess = request.max_tokens is None
         return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_reserved)
 
@@ -898,7 +901,11 @@ def _per_second(times: deque[float], now: float, window: float = 1.0) -> float:
     """Events per second over the last `window` seconds (or since the first event, if sooner)."""
     if not times:
         return 0.0
-    recent = sum(1 for t in reversed(times) if t >= now - window)
+    cutoff, recent = now - window, 0
+    for t in reversed(times):  # newest first; times are appended in order
+        if t < cutoff:
+            break
+        recent += 1
     span = min(window, max(now - times[0], 0.1))
     return recent / span
 
