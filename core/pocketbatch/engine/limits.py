@@ -556,7 +556,10 @@ class Limiter:
                     continue
                 # Tokens first, the request slot last: the RPM bucket is what spaces requests on the wire,
                 # and requests it let out while they then waited for tokens would leave together.
-                tokens = await self._acquire_tokens(state, chars, request.max_tokens)
+                if self._bucket(state, "tpm") is None:  # no coroutine to await for nothing, on every call
+                    tokens = self._estimate(chars, request.max_tokens)
+                else:
+                    tokens = await self._acquire_tokens(state, chars, request.max_tokens)
                 rpm = self._bucket(state, "rpm")
                 if rpm is not None and not rpm.has_capacity(1):
                     await rpm.acquire(1)
