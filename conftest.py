@@ -85,6 +85,17 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture
+def redis_url(redis_server):
+    """The session's redis-server, emptied for this test: its URL."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture
 def new_redis_server(tmp_path):
     """Start another redis-server (e.g. to kill and restart it in one test); stopped after the test."""
     servers = []

@@ -63,6 +63,16 @@ class Books:
         }
 
 
+def max_in_window(times: list[float], seconds: float = 1.0) -> int:
+    """The most of `times` within any `seconds` (a window (t - seconds, t]), e.g. a server's `ok_times`."""
+    times, best, lo = sorted(times), 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - seconds:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
 class FakeServerProvider(Provider):
     """An in-process provider with a server-side limit: no sockets, so only the engine is measured."""
 

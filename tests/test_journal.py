@@ -511,22 +511,12 @@ async def test_a_create_call_answered_with_an_error_leaves_no_submitting_row(mon
 # -- the journal in Redis (POCKETBATCH_JOURNAL=redis://...) ----------------------------------------
 
 
-@pytest.fixture
-def redis_journal_url(redis_server):
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
-    return redis_server.url
-
-
 def open_store(kind, tmp_path, request):
     """A journal of either kind: SQLite in tmp_path, or Redis at the test server."""
     from pocketbatch.redis_journal import RedisJournal
 
     if kind == "redis":
-        return RedisJournal(request.getfixturevalue("redis_journal_url"))
+        return RedisJournal(request.getfixturevalue("redis_url"))
     return Journal(tmp_path / "j.sqlite3")
 
 
@@ -631,35 +621,35 @@ def test_a_dry_run_prune_says_exactly_what_the_real_one_deletes(kind, tmp_path, 
     store.close()
 
 
-def test_the_redis_journal_keeps_no_prompts_and_no_keys(redis_journal_url, monkeypatch):
+def test_the_redis_journal_keeps_no_prompts_and_no_keys(redis_url, monkeypatch):
     import redis
 
-    monkeypatch.setenv("POCKETBATCH_JOURNAL", redis_journal_url)
+    monkeypatch.setenv("POCKETBATCH_JOURNAL", redis_url)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-value")
     from pocketbatch import config
 
     config.reload()
     asyncio.run(run(["a secret prompt"]))
-    client = redis.Redis.from_url(redis_journal_url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
     dump = {k: client.dump(k) for k in client.keys("*")}
     jobs = [repr(v) for k, v in dump.items() if ":outcomes:" not in k]
     assert dump and not any("a secret prompt" in v or "sk-secret-value" in v for v in jobs)
     client.close()
 
 
-def test_a_job_submitted_on_one_machine_is_resumed_from_another(tmp_path, redis_journal_url):
+def test_a_job_submitted_on_one_machine_is_resumed_from_another(tmp_path, redis_url):
     """Machine A (its own HOME) submits, is killed; machine B (another HOME) re-attaches through the same
     Redis journal: one job in all. The offline provider's folder stands for the provider both reach."""
     import redis
 
-    client = redis.Redis.from_url(redis_journal_url, decode_responses=True)
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
 
     def states():
         return [client.hget(k, "state") for k in client.keys("pocketbatch:{journal}:job:*")]
 
     env = {
         **cli_env(tmp_path, POCKETBATCH_OFFLINE_BATCH_SECONDS="2"),
-        "POCKETBATCH_JOURNAL": redis_journal_url,
+        "POCKETBATCH_JOURNAL": redis_url,
     }
     (tmp_path / "home-a").mkdir()
     (tmp_path / "home-b").mkdir()

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("ray.data", reason="the ray extra is not installed (pip install pocketbatch[ray])")
 import ray
 
-from bench.servers import LoopbackServer
+from bench.servers import LoopbackServer, max_in_window
 from pocketbatch import AsyncParallelBatchNode, LLMRequest, call_llm_async, config
 from pocketbatch.default_plugins.offline import reply
 from pocketbatch.ray import FlowRunner, map_flow, result_columns
@@ -39,16 +39,6 @@ def cluster():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests/
     yield
     ray.shutdown()
-
-
-@pytest.fixture
-def redis_url(redis_server):
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
-    return redis_server.url
 
 
 def prompt(i: int) -> str:
@@ -89,15 +79,6 @@ def check_batches(rows: list[dict], batch_size: int) -> None:
     for b in range(0, len(ids), batch_size):
         where = [ids.index(i) for i in range(b, min(b + batch_size, len(ids)))]
         assert where == list(range(where[0], where[0] + len(where)))
-
-
-def max_in_window(times: list[float], seconds: float = 1.0) -> int:
-    times, best, lo = sorted(times), 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - seconds:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def set_env(monkeypatch, **variables: str) -> None:

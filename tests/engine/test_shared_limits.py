@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.servers import max_in_window
 from pocketbatch import config
 from pocketbatch.engine import concurrent
 from pocketbatch.engine.limits import _rpm_capacity, limiter_for
@@ -27,15 +28,11 @@ RPM = 1200  # 20 requests a second between all processes
 
 
 @pytest.fixture
-def redis_url(redis_server, monkeypatch):
-    import redis
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    client.close()
-    monkeypatch.setenv("POCKETBATCH_REDIS_URL", redis_server.url)
+def redis_url(redis_url, monkeypatch):
+    """The emptied session Redis, set as POCKETBATCH_REDIS_URL."""
+    monkeypatch.setenv("POCKETBATCH_REDIS_URL", redis_url)
     config.reload()
-    return redis_server.url
+    return redis_url
 
 
 def run_workers(tmp_path: Path, url: str, n: int, *extra: list[str], **more: str) -> list[dict]:
@@ -49,15 +46,6 @@ def run_workers(tmp_path: Path, url: str, n: int, *extra: list[str], **more: str
     for proc in procs:
         assert proc.wait(timeout=120) == 0
     return [json.loads(out.read_text()) for out in outs]
-
-
-def max_in_window(times: list[float], seconds: float = 1.0) -> int:
-    times, best, lo = sorted(times), 0, 0
-    for hi, t in enumerate(times):
-        while times[lo] <= t - seconds:
-            lo += 1
-        best = max(best, hi - lo + 1)
-    return best
 
 
 def shared_limiter(url: str, limits, defaults=None):
