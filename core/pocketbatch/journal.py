@@ -286,8 +286,9 @@ class Journal:
             db.executemany(f"INSERT OR REPLACE INTO outcomes ({_OUTCOME_INSERT}) VALUES ({_PLACES})", rows)
 
     def outcomes(self, round: str) -> dict[str, LLMResponse | errors.LLMError]:
-        columns = ", ".join(name for name, _ in OUTCOME_COLUMNS)
-        rows = self._read(f"SELECT custom_id, outcome, {columns} FROM outcomes WHERE round = ?", (round,))
+        rows = self._read(
+            f"SELECT custom_id, outcome, {_OUTCOME_COLUMN_NAMES} FROM outcomes WHERE round = ?", (round,)
+        )
         return {cid: decode(json.loads(text) if text else _outcome_data(*rest)) for cid, text, *rest in rows}
 
     def _add_outcome_columns(self) -> None:
@@ -453,9 +454,8 @@ OUTCOME_COLUMNS = (
     ("status", "INTEGER"),
     ("retryable", "INTEGER"),
 )
-_OUTCOME_INSERT = ", ".join(
-    ["round", "custom_id", "job_id", "outcome", *(name for name, _ in OUTCOME_COLUMNS)]
-)
+_OUTCOME_COLUMN_NAMES = ", ".join(name for name, _ in OUTCOME_COLUMNS)
+_OUTCOME_INSERT = f"round, custom_id, job_id, outcome, {_OUTCOME_COLUMN_NAMES}"
 _PLACES = ", ".join("?" * (4 + len(OUTCOME_COLUMNS)))
 
 

@@ -19,6 +19,7 @@ PAUSE_FROM = 1_000
 
 @contextmanager
 def cyclic_gc_paused(items: int = PAUSE_FROM) -> Iterator[None]:
+    """Pause the collector for the block when it concerns at least PAUSE_FROM items (by default, always)."""
     enabled = gc.isenabled()
     if items >= PAUSE_FROM:
         gc.disable()

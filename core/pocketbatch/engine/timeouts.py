@@ -26,12 +26,11 @@ SLICES = 16  # deadline slices per timeout: how much later than asked a call may
 class _Slice:
     """The calls whose deadlines fall in one slice, and the one timer that stops them."""
 
-    __slots__ = ("expired", "handle", "tasks")
+    __slots__ = ("expired", "tasks")
 
     def __init__(self) -> None:
         self.tasks: set[asyncio.Task] = set()
         self.expired: set[asyncio.Task] = set()
-        self.handle: asyncio.TimerHandle | None = None
 
 
 _slices: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[float, int], _Slice]] = (
@@ -68,7 +67,7 @@ async def within(aw: Awaitable[T], seconds: float) -> T:
     piece = loop_slices.get(key)
     if piece is None:
         piece = loop_slices[key] = _Slice()
-        piece.handle = loop.call_at(key[1] * width, _expire, loop_slices, key)
+        loop.call_at(key[1] * width, _expire, loop_slices, key)
     piece.tasks.add(task)
     cancelling = task.cancelling() if sys.version_info >= (3, 11) else 0
     try:
