@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import os
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -162,6 +162,42 @@ async def ask_each(
     shared = {"prompts": list(prompts)}
     await AsyncFlow(start=Ask(**node_options)).run_async(shared)
     return shared["replies"]
+
+
+class MountedEmulator:
+    """The running part of an API emulator: every request to `self.base_url` goes to `self._handle`
+    (an httpx request in, an httpx response out) through respx, from `start()` to `stop()`, or for a
+    `with` block. The OpenAI and Gemini plugins' emulators are built on it."""
+
+    base_url: str
+    _mock: Any = None
+
+    def _handle(self, request: Any) -> Any:
+        raise NotImplementedError
+
+    def start(self: _E) -> _E:
+        import respx
+
+        self._mock = respx.mock(
+            using=respx_mocker(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
+        )
+        router = self._mock.__enter__()
+        router.route().mock(side_effect=self._handle)
+        return self
+
+    def stop(self) -> None:
+        if self._mock is not None:
+            self._mock.__exit__(None, None, None)
+            self._mock = None
+
+    def __enter__(self: _E) -> _E:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+_E = TypeVar("_E", bound=MountedEmulator)
 
 
 @pytest.fixture(autouse=True)

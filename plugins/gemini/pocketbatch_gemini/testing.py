@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 
 from pocketbatch.schema import example
-from pocketbatch.testing import respx_mocker
+from pocketbatch.testing import MountedEmulator
 
 BASE_URL = "https://generativelanguage.googleapis.com"
 # The Gemini API refuses a request body over 20 MiB (and so a batch of inline requests over it).
@@ -111,7 +111,7 @@ class Fault:
     lose_answer: bool = False
 
 
-class GeminiEmulator:
+class GeminiEmulator(MountedEmulator):
     """A small in-memory Gemini API: generateContent, batches and files, with faults on request.
 
     State for assertions: `requests` (every request answered, in order), `calls` (a Counter per route:
@@ -164,7 +164,6 @@ class GeminiEmulator:
         self._random = random.Random(seed)
         self._ids = itertools.count(1)
         self._bucket: tuple[float, float] | None = None  # (level, stamp) of the server_rpm bucket
-        self._mock: Any = None
 
     # -- the knobs -------------------------------------------------------------------------------
 
@@ -234,29 +233,6 @@ class GeminiEmulator:
         emulator._jobs = {name: _Job(**job) for name, job in state["jobs"].items()}
         emulator._ids = itertools.count(state["next_id"])
         return emulator
-
-    # -- running ---------------------------------------------------------------------------------
-
-    def start(self) -> GeminiEmulator:
-        import respx
-
-        self._mock = respx.mock(
-            using=respx_mocker(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
-        )
-        router = self._mock.__enter__()
-        router.route().mock(side_effect=self._handle)
-        return self
-
-    def stop(self) -> None:
-        if self._mock is not None:
-            self._mock.__exit__(None, None, None)
-            self._mock = None
-
-    def __enter__(self) -> GeminiEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP ------------------------------------------------------------------------------------
 

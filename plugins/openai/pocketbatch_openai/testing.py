@@ -32,7 +32,7 @@ from typing import Any
 import pytest
 
 from pocketbatch.schema import example, nodes
-from pocketbatch.testing import respx_mocker
+from pocketbatch.testing import MountedEmulator
 
 BASE_URL = "https://api.openai.com/v1"
 ENDPOINT = "/v1/chat/completions"
@@ -145,7 +145,7 @@ class Fault:
     lose_answer: bool = False
 
 
-class OpenAIEmulator:
+class OpenAIEmulator(MountedEmulator):
     """A small in-memory OpenAI: chat completions, files and batches, with faults on request.
 
     State and counters for assertions:
@@ -201,7 +201,6 @@ class OpenAIEmulator:
         self._clock = int(time.time())  # created_at of batches: `find` compares it with the client's
         self._used_requests = 0
         self._used_tokens = 0
-        self._mock: Any = None
 
     # -- the knobs -------------------------------------------------------------------------------
 
@@ -265,29 +264,6 @@ class OpenAIEmulator:
             for r, name in zip(self.requests, self._routes, strict=True)
             if name == route
         ]
-
-    # -- running ---------------------------------------------------------------------------------
-
-    def start(self) -> OpenAIEmulator:
-        import respx
-
-        self._mock = respx.mock(
-            using=respx_mocker(), base_url=self.base_url, assert_all_called=False, assert_all_mocked=True
-        )
-        router = self._mock.__enter__()
-        router.route().mock(side_effect=self._handle)
-        return self
-
-    def stop(self) -> None:
-        if self._mock is not None:
-            self._mock.__exit__(None, None, None)
-            self._mock = None
-
-    def __enter__(self) -> OpenAIEmulator:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # -- HTTP ------------------------------------------------------------------------------------
 
