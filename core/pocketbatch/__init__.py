@@ -1,8 +1,8 @@
 """pocketbatch: PocketFlow-compatible nodes and flows whose LLM calls pick concurrent calls or batch APIs."""
 
-import gc as _gc
 import os as _os
 
+from .engine.gcpause import freeze_long_lived as _freeze_long_lived
 from .errors import (
     BatchError,
     ConfigError,
@@ -79,5 +79,4 @@ if "PYTEST_VERSION" not in _os.environ:
     # The SDKs leave ~200,000 objects that live as long as the process. A full garbage collection walks
     # them all, holding a running flow's loop for ~100 ms, long enough for the requests the limiter spaced
     # out to leave together. Collect once now (~50 ms) and keep them out of later collections.
-    _gc.collect()
-    _gc.freeze()
+    _freeze_long_lived()

@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import settings
 from ..providers import LLMRequest, LLMResponse, Provider
-from .gcpause import cyclic_gc_paused
+from .gcpause import cyclic_gc_paused, frozen_until_settled
 from .limits import limiter_for
 
 log = logging.getLogger("pocketbatch")
@@ -322,23 +322,25 @@ async def map_parallel(
             settled.set_result(None)
 
     try:
-        # While unbounded items start and their state piles up (bounded, this loop lasts the whole run).
-        with cyclic_gc_paused(0 if slots else len(items)):
-            for index, item in enumerate(items):
-                if slots:
-                    await slots.acquire()
-                elif index % 256 == 255:
-                    await asyncio.sleep(0)  # let items that finish at once free their memory
-                if failures:
-                    break
-                if slots:
-                    round_.admit()
-                task = round_.start(index, fn(item))
-                running[task] = index
-                started += 1
-                task.add_done_callback(finished, context=here)
-        if running and not failures:
-            await settled
+        with frozen_until_settled(0 if slots else len(items)) as freeze:
+            # While unbounded items start and their state piles up (bounded, this loop lasts the whole run).
+            with cyclic_gc_paused(0 if slots else len(items)):
+                for index, item in enumerate(items):
+                    if slots:
+                        await slots.acquire()
+                    elif index % 256 == 255:
+                        await asyncio.sleep(0)  # let items that finish at once free their memory
+                    if failures:
+                        break
+                    if slots:
+                        round_.admit()
+                    task = round_.start(index, fn(item))
+                    running[task] = index
+                    started += 1
+                    task.add_done_callback(finished, context=here)
+                freeze()  # before the collector is back: it would walk all the items once more
+            if running and not failures:
+                await settled
     finally:
         for task in running:
             task.cancel()
