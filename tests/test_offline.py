@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pocketbatch import BatchError, LLMRequest, RateLimitError, RequestError, TransientError
+from pocketbatch import BatchError, ConfigError, LLMRequest, RateLimitError, RequestError, TransientError
 from pocketbatch.default_plugins.offline import OfflineProvider
 
 
@@ -30,6 +30,18 @@ async def test_server_limit_answers_429_with_retry_after(pocketbatch_env, monkey
         await offline.call_llm_async(request("x"))
     assert err.value.status == 429 and 0 < err.value.retry_after <= 1.0
     assert err.value.rate_limits.limit_requests == 60
+
+
+async def test_settings_are_read_like_every_pocketbatch_variable(monkeypatch):
+    from pocketbatch import config
+
+    offline = OfflineProvider()
+    await offline.call_llm_async(request("x"))
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_LATENCY", "soon")
+    await offline.call_llm_async(request("x"))  # read once, as the other settings are
+    config.reload()
+    with pytest.raises(ConfigError, match="POCKETBATCH_OFFLINE_LATENCY must be a number"):
+        await offline.call_llm_async(request("x"))
 
 
 async def test_marked_requests_fail_as_asked():

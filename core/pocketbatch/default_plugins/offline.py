@@ -17,7 +17,6 @@ re-ask (a different request) may pass where its first answer failed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import math
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import platformdirs
 
+from pocketbatch.config import settings
 from pocketbatch.errors import BatchError, ConfigError, LLMError, RateLimitError, RequestError, TransientError
 from pocketbatch.hookspecs import hookimpl
 from pocketbatch.providers import BatchAPI, BatchStatus, LLMRequest, LLMResponse, Provider, RateLimits, Usage
@@ -42,11 +42,24 @@ def register_providers(register):
 
 
 def _env_number(name: str, default: float) -> float:
-    # Read on every call, so a test or a program can change it between calls; parsed once per value.
-    return _parse_number(name, os.environ.get(name, ""), default)
+    """A POCKETBATCH_OFFLINE_* number, read when the settings are: pocketbatch.config.reload() reads it
+    again, as for every POCKETBATCH_* variable (reading the environment on every call took a tenth of the
+    provider's time)."""
+    global _numbers_under
+    current = settings()
+    if _numbers_under is not current:
+        _numbers.clear()
+        _numbers_under = current
+    value = _numbers.get(name)
+    if value is None:
+        value = _numbers[name] = _parse_number(name, os.environ.get(name, ""), default)
+    return value
 
 
-@functools.lru_cache(maxsize=64)
+_numbers: dict[str, float] = {}
+_numbers_under: object = None  # the settings the numbers in _numbers were read under
+
+
 def _parse_number(name: str, raw: str, default: float) -> float:
     raw = raw.strip()
     try:
@@ -63,15 +76,18 @@ def reply(request: LLMRequest) -> tuple[str, Usage]:
     if request.schema is not None:
         text, usage, _ = schema_reply(request)
         return text, usage
-    last = next((m for m in reversed(request.messages) if m.get("role") == "user"), request.messages[-1])
+    messages = request.messages
+    last = messages[-1]
+    if last.get("role") != "user":
+        last = next((m for m in reversed(messages) if m.get("role") == "user"), last)
     content = last.get("content", "")
     if not isinstance(content, str):  # content blocks
         content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
-    words = content.split()
+    words = content.split(None, 12)  # the first twelve, and the rest in one piece if there is more
     digest = hashlib.sha256(_reply_key(request).encode()).hexdigest()[:6]
     text = f"[{request.model} {digest}] " + " ".join(words[:12]) + (" …" if len(words) > 12 else "")
-    prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in request.messages)
-    return text, Usage(max(1, math.ceil(prompt_chars / 4)), max(1, math.ceil(len(text) / 4)))
+    prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in messages)
+    return text, Usage(max(1, -(-prompt_chars // 4)), max(1, -(-len(text) // 4)))
 
 
 def _reply_key(request: LLMRequest) -> str:
