@@ -317,6 +317,8 @@ _Price = TypeVar("_Price")
 
 
 def _match(table: dict[str, _Price], model: str) -> _Price | None:
+    if model in table:  # the longest match, as no longer key is a prefix of it: the case of nearly every call
+        return table[model]
     matches = [k for k in table if same_model(model, k)]
     return table[max(matches, key=len)] if matches else None
 
