@@ -297,6 +297,22 @@ async def test_a_configured_limiter_has_no_first_wave():
     assert len(tickets) == 10
 
 
+async def test_a_request_with_room_is_let_through_without_waiting_and_one_that_would_wait_is_not():
+    unlimited = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0), Limits(600, 0, 0))
+    assert all(unlimited.admit_now(_request()) for _ in range(100))
+    unlimited.pause(1.0)
+    assert unlimited.admit_now(_request()) is None  # paused: acquire waits it out
+
+    paced = Limiter(LimiterKey("p", "m", ""), Limits(rpm=60, tpm=0), Limits(0, 0, 0))  # one a second
+    assert paced.admit_now(_request()) is not None
+    assert paced.admit_now(_request()) is None  # the bucket is empty: acquire queues for it
+
+    capped = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0, max_concurrency=1), Limits(0, 0, 0))
+    assert capped.admit_now(_request()) is None  # a place under the cap is taken in acquire
+    learning = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
+    assert learning.admit_now(_request()) is None  # before the first answer: the first wave
+
+
 async def test_a_bucket_starts_paced_not_with_a_burst():
     limiter = Limiter(LimiterKey("p", "m", ""), Limits(rpm=60), Limits(0, 0, 0))  # one a second
     first = await limiter.acquire(_request())

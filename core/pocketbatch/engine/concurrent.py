@@ -92,7 +92,7 @@ class Sender:
 
     async def _attempt(self, request: LLMRequest, item: int | None, attempt: int) -> LLMResponse:
         limiter = self.limiter
-        ticket = await limiter.acquire(request)
+        ticket = limiter.admit_now(request) or await limiter.acquire(request)
         try:
             response = await within(self.provider.call_llm_async(request), self.timeout)
         except LLMError as err:

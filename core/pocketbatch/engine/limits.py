@@ -276,6 +276,14 @@ class _Bucket(AsyncLimiter):
         self.version = version
         self._wake_next()
 
+    def take_now(self) -> bool:
+        """Take one unit if there is room, as aiolimiter's acquire does when it need not wait."""
+        if not self.has_capacity(1):
+            return False
+        self._level += 1
+        self._wake_next()
+        return True
+
     def hold(self, seconds: float) -> None:
         """Let nothing through for `seconds`, then one request, then the rate again: a pause that ends
         without the burst an idle bucket would allow (the server has refilled one request, not four)."""
@@ -533,6 +541,27 @@ class Limiter:
         while (delay := self.paused_until - time.monotonic()) > 0:
             await asyncio.sleep(delay)
 
+    def admit_now(self, request: LLMRequest) -> Ticket | None:
+        """acquire's ticket without waiting, when nothing could make this request wait: no concurrency cap,
+        no first wave to join, no pause, no limit shared with other loops or processes, no token bucket, and
+        room in the request bucket. None otherwise: then `await acquire(request)`. (Most calls of a limiter
+        with room need none of acquire's coroutines.)"""
+        state = self._state()
+        if (
+            state.semaphore is not None
+            or (self.answered_at is None and (self._rpm.learn or self._tpm.learn))
+            or self.shared is not None
+            or self._loops_share is not None
+            or self.paused_until > time.monotonic()
+            or self._bucket(state, "tpm") is not None
+        ):
+            return None
+        rpm = self._bucket(state, "rpm")
+        if rpm is not None and not rpm.take_now():
+            return None
+        chars = _chars(request)
+        return self._let_through(request, chars, self._estimate(chars, request.max_tokens))
+
     async def acquire(self, request: LLMRequest) -> Ticket:
         """Wait for a concurrency slot, the first wave's answer, the end of any pause, a request and the
         request's tokens."""
@@ -587,6 +616,19 @@ class Limiter:
             if lease is not None and self.shared is not None:
                 self._background(self.shared.free_place(lease))
             raise
+        return self._let_through(request, chars, tokens, semaphore, first_wave, lease, shared_reserved)
+
+    def _let_through(
+        self,
+        request: LLMRequest,
+        chars: int,
+        tokens: int,
+        semaphore: _Cap | None = None,
+        first_wave: _LoopState | None = None,
+        lease: str | None = None,
+        shared_reserved: int | None = None,
+    ) -> Ticket:
+        """Count a request that goes now, grow the rates when due, and give its ticket."""
         now = time.monotonic()
         self._in_flight += 1
         self._sends.append(now)
