@@ -102,7 +102,7 @@ def key_fingerprint(api_key: str | None) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ sets each field through object.__setattr__
 class Ticket:
     """What one acquire took, handed back with the outcome so the limiter can learn from it."""
 
