@@ -196,10 +196,14 @@ class OfflineProvider(Provider):
             failure = TransientError("offline: simulated server error", status=500)
         if failure:
             raise failure
-        return _response(request, via="concurrent", rate_limits=limits)
+        return _response(request, via="concurrent", rate_limits=limits, price=self)
 
 
-def _response(request: LLMRequest, *, via: str, rate_limits: RateLimits | None = None) -> LLMResponse:
+def _response(
+    request: LLMRequest, *, via: str, rate_limits: RateLimits | None = None, price: Provider | None = None
+) -> LLMResponse:
+    """The response to a request; priced by `price` (the engine prices what a provider leaves unpriced,
+    by copying the response: a tenth of this provider's time per call, when it does it itself)."""
     if request.schema is not None:
         text, usage, finish = schema_reply(request)
     else:
@@ -210,6 +214,7 @@ def _response(request: LLMRequest, *, via: str, rate_limits: RateLimits | None =
         model=request.model,
         provider=OfflineProvider.name,
         via=via,
+        cost_usd=price.cost(request.model, usage) if price else None,
         rate_limits=rate_limits,
         finish_reason=finish,
     )

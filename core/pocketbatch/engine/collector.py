@@ -104,7 +104,7 @@ class Round:
         """Hold one of the item's calls in the round; its future is the answer. `mode` overrides the
         round's (schema re-asks go "concurrent" while still counting as the item's outstanding call).
         Whoever awaits the future settles the call as cancelled if cancelled (see `call`)."""
-        call = Call(provider, request, mode or self.mode)
+        call = Call(provider, request, mode or self.mode, self._loop.create_future())
         self.take(key, [call])
         return call
 
