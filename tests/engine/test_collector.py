@@ -282,3 +282,44 @@ async def test_a_round_that_keeps_making_progress_does_not_time_out(pocketbatch_
 
     out = await run(Staggered(), list(range(12)))
     assert {r.via for r in out} == {"batch"} and [len(j["lines"]) for j in jobs()] == [12]
+
+
+class Counting(FakeProvider):
+    """Counts the calls in flight at once; each takes `latency` seconds (0: answered at the next turn)."""
+
+    def __init__(self, name, latency):
+        super().__init__(name)
+        self.wait, self.now, self.most = latency, 0, 0
+
+    async def call_llm_async(self, request):
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            await asyncio.sleep(self.wait)
+        finally:
+            self.now -= 1
+        return await super().call_llm_async(request)
+
+
+@pytest.mark.parametrize(
+    ("latency", "grow_after", "grows"),
+    [(0, 3600, False), (0.05, 0.01, True)],  # answered at once: the first 256 workers; waiting: more
+    ids=["answered-at-once", "waiting"],
+)
+async def test_the_worker_pool_grows_only_while_calls_wait(
+    register_provider, pocketbatch_env, monkeypatch, latency, grow_after, grows
+):
+    from pocketbatch.engine import collector
+
+    monkeypatch.setattr(collector, "GROW_AFTER", grow_after)
+    pocketbatch_env(POCKETBATCH_COUNT_RPM=0, POCKETBATCH_COUNT_TPM=0, POCKETBATCH_MODE="concurrent")
+    provider = register_provider(Counting("count", latency))
+
+    class AskCounting(Ask):
+        async def exec_async(self, i):
+            return await call_llm_async(f"say {i}", model="count/x")
+
+    out = await run(AskCounting(), list(range(600)))
+    assert out == [f"reply to say {i}" for i in range(600)]
+    # By one worker a call that waited: the second 50 ms already has more than 256 calls in flight.
+    assert 256 < provider.most <= 600 if grows else provider.most == 256

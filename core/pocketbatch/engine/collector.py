@@ -30,6 +30,8 @@ log = logging.getLogger("pocketbatch")
 
 # Calls in flight at once when no limit bounds them (more than a connection pool takes).
 MAX_WORKERS = 4096
+# A call that took this long waited (on the network or the limiter): the pool grows by one worker.
+GROW_AFTER = 0.02
 
 # (round, item key) of the item the running task belongs to; None outside parallel nodes.
 _current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
@@ -236,26 +238,44 @@ async def _decide_and_run(group: list[Call]) -> None:
 
 async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
     """The group's calls through a pool of workers, not a task each: at 100,000 calls that is the
-    difference between a few MB and a few GB. The limiter, not the pool, sets the pace; the pool is sized
-    for the rate it allows at up to 10 s a call (Little's law), at most MAX_WORKERS: an unlimited rate
-    would otherwise start a task for every call, twice the round's memory at its peak."""
+    difference between a few MB and a few GB. The limiter, not the pool, sets the pace; the pool may grow
+    to what the rate it allows needs at up to 10 s a call (Little's law), at most MAX_WORKERS: an
+    unlimited rate would otherwise start a task for every call, twice the round's memory at its peak.
+
+    It starts with DEFAULT_WORKERS and grows by one worker for each call that took GROW_AFTER or more
+    (it waited on the network or the limiter): calls answered at once (a local server, the offline
+    provider) keep the pool small, and the coroutines of a small pool stay in the CPU's caches (4,096
+    workers made each such call a tenth slower than 256)."""
     from . import concurrent
 
     rate_workers = int(min(limiter.rpm, MAX_WORKERS * 6) / 6)
-    workers = min(len(group), max(concurrent.DEFAULT_WORKERS, rate_workers))
+    most = min(len(group), max(concurrent.DEFAULT_WORKERS, rate_workers))
     queue = iter(group)
     sender = concurrent.Sender(provider, group[0].request.model)
+    clock = asyncio.get_running_loop().time
+    workers: list[asyncio.Future] = []
 
     async def worker() -> None:
         for call in queue:  # one shared iterator: each worker takes the next call
             if call.future.done():  # its item was cancelled meanwhile
                 continue
+            began = clock()
             try:
                 call.settle(await sender.send(call.request))
             except Exception as e:
                 call.settle(e)
+            if len(workers) < most and clock() - began >= GROW_AFTER:
+                workers.append(asyncio.ensure_future(worker()))
 
-    await asyncio.gather(*(worker() for _ in range(workers)))
+    workers.extend(asyncio.ensure_future(worker()) for _ in range(min(most, concurrent.DEFAULT_WORKERS)))
+    try:
+        for task in workers:  # the list grows while it is walked: every worker is awaited
+            await task
+    except BaseException:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        raise
 
 
 _running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
