@@ -209,14 +209,16 @@ async def _decide_and_run(group: list[Call]) -> None:
 
     provider, requests = group[0].provider, [c.request for c in group]
     limiter = limiter_for(provider, requests[0].model)
-    tokens = sum(limiter.estimate_tokens(r) for r in requests)
+    # The group's tokens counted once, for both the time and the cost (a group may hold 100,000 requests).
+    tokens = strategy.group_tokens(requests, limiter.typical_output_tokens)
     decision = strategy.choose(
         requests,
         provider,
         settings(),
-        concurrent_seconds=limiter.seconds_for(len(group), tokens),
+        concurrent_seconds=limiter.seconds_for(len(group), limiter.tokens_for(*tokens)),
         mode=group[0].mode,
         output_tokens=limiter.typical_output_tokens,
+        tokens=tokens,
     )
     notes = dict.fromkeys(c.note for c in group if c.note)
     if notes:

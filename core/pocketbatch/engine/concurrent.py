@@ -45,7 +45,9 @@ class Sender:
         """
         name, model = self.provider.name, request.model
         attempts = [1]
-        events.emit(events.STARTED, name, model, item=item)
+        told = events.listening()
+        if told:
+            events.emit(events.STARTED, name, model, item=item)
         try:
             try:
                 response = await self._attempt(request, item, 1)
@@ -60,16 +62,17 @@ class Sender:
             cost = self.provider.cost(response.model or model, response.usage)
             if cost is not None:
                 response = response.replace(cost_usd=cost)
-        events.emit(
-            events.DONE,
-            name,
-            model,
-            item=item,
-            attempt=attempts[0],
-            usage=response.usage,
-            cost_usd=response.cost_usd,
-            via=response.via,
-        )
+        if told:
+            events.emit(
+                events.DONE,
+                name,
+                model,
+                item=item,
+                attempt=attempts[0],
+                usage=response.usage,
+                cost_usd=response.cost_usd,
+                via=response.via,
+            )
         return response
 
     async def _retried(

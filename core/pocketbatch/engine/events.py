@@ -65,6 +65,11 @@ def listen(callback: Listener) -> Iterator[Listener]:
         _listeners.reset(token)
 
 
+def listening() -> bool:
+    """Whether anyone listens here: a hot path asks once, instead of building each event's fields."""
+    return bool(_listeners.get())
+
+
 def emit(kind: str, provider: str, model: str, **fields: Any) -> None:
     """Tell the current listeners; a listener that raises is logged and never fails the call."""
     listeners = _listeners.get()

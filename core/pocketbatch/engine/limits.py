@@ -158,8 +158,9 @@ class _Rate:
         return min(hi, max(lo, ROUND_REQUESTS / self.rate)) if self.rate < INF else lo
 
     def due(self, now: float) -> bool:
-        """Whether `grow` would look at the evidence now (a quarter of a round since it last did)."""
-        return now - self.grown_at >= self.round_seconds() / 4
+        """Whether `grow` would look at the evidence now (a quarter of a round since it last did); never
+        for an unlimited rate, which has nothing to grow to."""
+        return self.rate < INF and now - self.grown_at >= self.round_seconds() / 4
 
     def grow(self, now: float, share: float = 1.0, sent: float = INF) -> bool:
         """Raise the rate when callers have been queueing on it; True when it changed. `share`: this
@@ -454,6 +455,11 @@ class Limiter:
         """Tokens this request will count against TPM: the prompt at ~4 chars a token (corrected by
         what usage reported so far) plus max_tokens, or the typical output when it is unset."""
         return self._estimate(_chars(request), request.max_tokens)
+
+    def tokens_for(self, input_tokens: int, output_tokens: int) -> int:
+        """Tokens requests estimated at ~4 characters a token (strategy.group_tokens) will count against
+        TPM, with the input corrected by what usage reported so far."""
+        return math.ceil(input_tokens * self._input_factor) + output_tokens
 
     def _estimate(self, chars: int, max_tokens: int | None) -> int:
         prompt = chars / CHARS_PER_TOKEN * self._input_factor

@@ -28,6 +28,16 @@ def estimate_tokens(request: LLMRequest, output_tokens: float = TYPICAL_OUTPUT_T
     return chars // 4 + 1, request.max_tokens or round(output_tokens)
 
 
+def group_tokens(group: list[LLMRequest], output_tokens: float = TYPICAL_OUTPUT_TOKENS) -> tuple[int, int]:
+    """estimate_tokens summed over a group: (input, output) tokens."""
+    inp = out = 0
+    for request in group:
+        i, o = estimate_tokens(request, output_tokens)
+        inp += i
+        out += o
+    return inp, out
+
+
 def choose(
     group: list[LLMRequest],
     provider: Provider,
@@ -36,12 +46,13 @@ def choose(
     concurrent_seconds: float,
     mode: str | None = None,
     output_tokens: float = TYPICAL_OUTPUT_TOKENS,
+    tokens: tuple[int, int] | None = None,
 ) -> Decision:
-    """mode (the node's, else POCKETBATCH_MODE) "concurrent", "batch" or "auto"; the reason says why."""
+    """mode (the node's, else POCKETBATCH_MODE) "concurrent", "batch" or "auto"; the reason says why.
+    `tokens`: the group's group_tokens, when the caller has counted them already."""
     mode = mode or settings.mode
     n = len(group)
-    tokens = [estimate_tokens(r, output_tokens) for r in group]
-    inp, out = sum(t[0] for t in tokens), sum(t[1] for t in tokens)
+    inp, out = tokens or group_tokens(group, output_tokens)
     model = group[0].model
     full = _cost(provider, model, inp, out, 1.0)
     factor = provider.batch.price_factor_for(model) if provider.batch else 1.0
