@@ -29,7 +29,7 @@ from ..errors import BatchError, LLMError, TransientError
 from ..providers import CachePrice, LLMRequest, LLMResponse, Provider, Usage, usd
 from . import concurrent, events
 from .collector import Call
-from .gcpause import cyclic_gc_paused
+from .gcpause import cyclic_gc_paused, frozen_until_settled
 from .retry import with_retries
 from .strategy import Decision
 
@@ -87,7 +87,7 @@ def _canonical(request: LLMRequest) -> str:
     for name in _ADDED_FIELDS:  # left out at their default: older journals' ids stay valid
         if fields.get(name) is None:
             fields.pop(name, None)
-    return json.dumps(fields, sort_keys=True, default=_as_asdict_would)
+    return _CANONICAL.encode(fields)
 
 
 # LLMRequest fields added after journals were first written (the schema is part of the round key).
@@ -103,6 +103,11 @@ def _as_asdict_would(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
     return str(value)
+
+
+# json.dumps(fields, sort_keys=True, default=_as_asdict_would), with its encoder made once instead of once a
+# request (json.dumps makes one whenever it is given options)
+_CANONICAL = json.JSONEncoder(sort_keys=True, default=_as_asdict_would)
 
 
 def may_know_rounds(provider: str, model: str) -> bool:
@@ -418,8 +423,12 @@ class BatchRound:
 
     async def _collect(self, job_id: str, ids: list[str]) -> list[str]:
         """Settle every line the job answered for good; return the ids to run again concurrently."""
-        with cyclic_gc_paused():
-            return await self._collect_lines(job_id, ids)
+        # The results stay alive until their items take them: once read, they are frozen with the round's
+        # waiting items (or, outside a round, kept out of the young generations' walks).
+        with frozen_until_settled(len(ids)) as freeze, cyclic_gc_paused():
+            retry = await self._collect_lines(job_id, ids)
+            freeze()
+            return retry
 
     async def _collect_lines(self, job_id: str, ids: list[str]) -> list[str]:
         assert self.api is not None

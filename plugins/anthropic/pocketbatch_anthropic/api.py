@@ -157,7 +157,11 @@ def build_params(request: LLMRequest) -> dict[str, Any]:
 
 def dumps(value: Any) -> bytes:
     """JSON exactly as the SDK sends it (anthropic._utils._json.openapi_dumps) for plain values."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    return _SDK_JSON.encode(value).encode()
+
+
+# json.dumps with these options, its encoder made once (json.dumps makes one whenever it is given options)
+_SDK_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
 def to_response(message: Any, *, via: str, rate_limits: RateLimits | None = None) -> LLMResponse:

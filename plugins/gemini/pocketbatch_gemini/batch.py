@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pocketbatch.gemini")
 
+# json.dumps(line, ensure_ascii=False, separators=(",", ":")), its encoder made once (json.dumps makes one
+# whenever it is given options)
+_LINE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
 _STATES = {
     "JOB_STATE_UNSPECIFIED": "running",
     "JOB_STATE_QUEUED": "running",
@@ -105,10 +109,7 @@ class GeminiBatch(BatchAPI):
 
     def jsonl(self, items: list[tuple[str, LLMRequest]]) -> bytes:
         """The batch input file for (custom_id, request) pairs, checked against max_bytes."""
-        data = b"".join(
-            json.dumps(line, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-            for line in self.lines(items)
-        )
+        data = b"".join(_LINE.encode(line).encode() + b"\n" for line in self.lines(items))
         if len(data) > self.max_bytes:
             raise BatchError(
                 f"the batch file is {len(data):,} bytes, over Gemini's {self.max_bytes:,}", status=413

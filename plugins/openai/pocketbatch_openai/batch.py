@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pocketbatch.openai")
 
+# json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False), with its encoder made once
+# instead of once a line (json.dumps makes one whenever it is given options)
+_LINE = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
 ENDPOINT = "/v1/chat/completions"
 METADATA_KEY = "pocketbatch"  # the batch metadata key holding the engine's tag (its round and chunk)
 UPLOAD_PREFIX = "pocketbatch-"  # input files are named after the engine's tag: pocketbatch-<tag>.jsonl
@@ -126,7 +130,7 @@ class OpenAIBatch(BatchAPI):
             body = self.provider.chat_body(request)
             line = {"custom_id": custom_id, "method": "POST", "url": ENDPOINT, "body": body}
             try:
-                text = json.dumps(line, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+                text = _LINE.encode(line)
             except (TypeError, ValueError) as e:
                 raise BatchError(f"custom_id {custom_id!r} cannot be sent as JSON: {e}", status=400) from e
             lines.append(text.encode() + b"\n")
