@@ -42,8 +42,8 @@ def register_providers(register):
 
 
 def _env_number(name: str, default: float) -> float:
-    """A POCKETBATCH_OFFLINE_* number, read when the settings are: pocketbatch.config.reload() reads it
-    again, as for every POCKETBATCH_* variable (reading the environment on every call took a tenth of the
+    """One of the offline provider's numbers (above), read when the settings are: config.reload() reads it
+    again, as for every pocketbatch variable (reading the environment on every call took a tenth of the
     provider's time)."""
     global _numbers_under
     current = settings()
