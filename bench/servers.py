@@ -50,6 +50,7 @@ class Books:
     rate_limited: int = 0
     ok: int = 0
     ok_times: list[float] = field(default_factory=list)
+    limited_times: list[float] = field(default_factory=list)  # time.monotonic() of each 429
     first_at: float | None = (
         None  # time.time() of the first request (wall clock: the client is another process)
     )
@@ -192,7 +193,8 @@ class _Server:
 
     async def respond(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
         if path == "/stats":
-            return 200, self.books.as_dict() | {"ok_times": self.books.ok_times}, {}
+            times = {"ok_times": self.books.ok_times, "limited_times": self.books.limited_times}
+            return 200, self.books.as_dict() | times, {}
         if path == "/reset":  # between contestants: empty books, a full bucket
             self.books = Books()
             self.bucket = TokenBucket(self.rate, self.burst)
@@ -209,6 +211,7 @@ class _Server:
         wait = self.bucket.admit()
         if wait is not None:
             self.books.rate_limited += 1
+            self.books.limited_times.append(time.monotonic())
             return 429, *self.too_many(wait)
         headers = self.ratelimit_headers()
         await asyncio.sleep(self.latency)
