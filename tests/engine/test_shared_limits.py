@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import os
@@ -353,3 +354,18 @@ async def test_every_process_answers_count_in_one_shared_rate_of_answers(redis_u
     assert answers == pytest.approx(10 / ANSWERS_SECONDS, rel=0.05)
     await a.close()
     await b.close()
+
+
+async def test_a_shared_pause_ends_with_one_request_then_the_rate(redis_url):
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    shared = SharedLimit(redis_url, "p", "m", "hold")
+    inf, rate = float("inf"), 50.0
+    await shared.pause(0.05)
+    sends = []
+    for _ in range(4):
+        reservation = await shared.reserve(rate, _rpm_capacity(rate), inf, 1, 1)
+        sends.append(reservation.reserved_at + reservation.wait * 1e6)
+    await shared.close()
+    # The provider's Retry-After is when it has room for one request: not the bucket's burst of four.
+    assert all(b - a >= 0.99e6 / rate for a, b in itertools.pairwise(sends))

@@ -72,6 +72,8 @@ local rtat, ttat = 0, 0
 if ri > 0 then
   -- a fresh bucket starts paced: one request now, then the rate (not a burst at t=0)
   rtat = tonumber(redis.call('GET', KEYS[1]) or tostring(now + rb - ri))
+  -- a pause ends with one request, then the rate: the server has refilled one request, not a burst
+  if pause > 0 then rtat = math.max(rtat, pause + rb - ri) end
   local at = rtat - rb + ri
   if at > send then send = at; bound = 1 end
 end
