@@ -369,3 +369,21 @@ async def test_a_shared_pause_ends_with_one_request_then_the_rate(redis_url):
     await shared.close()
     # The provider's Retry-After is when it has room for one request: not the bucket's burst of four.
     assert all(b - a >= 0.99e6 / rate for a, b in itertools.pairwise(sends))
+
+
+async def test_a_decrease_keeps_the_requests_reserved_ahead_as_many(redis_url):
+    from pocketbatch.engine.shared_limits import SharedLimit
+
+    shared = SharedLimit(redis_url, "p", "m", "lead")
+    inf, fast, slow = float("inf"), 100.0, 50.0
+
+    async def send_at(rate: float) -> float:
+        reservation = await shared.reserve(rate, _rpm_capacity(rate), inf, 1, 1)
+        return reservation.reserved_at + reservation.wait * 1e6  # Redis's time of the send, µs
+
+    sends = [await send_at(fast) for _ in range(5)]  # callers queue: the bucket runs ahead of them
+    after = await send_at(slow)  # a 429 halved the rate
+    await shared.close()
+    # The lead was four requests and a burst at the old rate; kept in time, the first request at the
+    # new rate would go before the last one reserved at the old rate, into a provider that is full.
+    assert after - sends[-1] >= 1e6 / fast

@@ -49,7 +49,7 @@ IDLE_MS = 60_000  # bucket keys outlive their last reservation by this much
 OUTPUT_EMA = 0.1  # weight of one answer in the shared running average of the output size (limits._EMA)
 ANSWERS_SECONDS = 1.0  # the shared rate of answers counts those of about this many seconds back
 
-# KEYS: requests tat, tokens tat, pause, processes, learned
+# KEYS: requests tat, tokens tat, pause, processes, learned, the request interval the tat was kept at
 # ARGV: request interval (µs; 0 = unlimited), request burst span (µs), token interval (µs per token;
 #       0 = unlimited), token burst span (µs), tokens, process id, PROCESS_WINDOW (µs), ANSWERS_SECONDS (µs)
 # Returns: {wait µs, processes seen recently, learned rpm or "", learned tpm or "", learned output or "",
@@ -72,6 +72,10 @@ local rtat, ttat = 0, 0
 if ri > 0 then
   -- a fresh bucket starts paced: one request now, then the rate (not a burst at t=0)
   rtat = tonumber(redis.call('GET', KEYS[1]) or tostring(now + rb - ri))
+  -- the requests reserved ahead stay as many when the rate moves: a lead kept in time would let the
+  -- first requests after a decrease out early, nearly together
+  local was = tonumber(redis.call('GET', KEYS[6]) or ARGV[1])
+  if rtat > now and was ~= ri then rtat = now + (rtat - now) * ri / was end
   -- a pause ends with one request, then the rate: the server has refilled one request, not a burst
   if pause > 0 then rtat = math.max(rtat, pause + rb - ri) end
   local at = rtat - rb + ri
@@ -84,7 +88,9 @@ if ti > 0 then
 end
 if ri > 0 then
   local tat = math.max(rtat, send) + ri
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + IDLE)
+  local px = math.floor((tat - now) / 1000) + IDLE
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', px)
+  redis.call('SET', KEYS[6], ARGV[1], 'PX', px)
 end
 if ti > 0 then
   local tat = math.max(ttat, send) + ti * tokens
@@ -376,7 +382,7 @@ class SharedLimit:
         and bursts; a Reservation, or None when Redis is lost."""
         ri = 0 if rpm == math.inf else 1e6 / rpm
         ti = 0 if tpm == math.inf else 1e6 / tpm
-        keys = [self._key(k) for k in ("rpm", "tpm", "pause", "procs", "learned")]
+        keys = [self._key(k) for k in ("rpm", "tpm", "pause", "procs", "learned", "rpm_interval")]
         args = [f"{ri:.3f}", f"{ri * rpm_burst:.0f}", f"{ti:.6f}", f"{ti * tpm_burst:.0f}", tokens]
         more = [self.process, f"{PROCESS_WINDOW * 1e6:.0f}", f"{ANSWERS_SECONDS * 1e6:.0f}"]
         result = await self._run(RESERVE, keys, [*args, *more])
