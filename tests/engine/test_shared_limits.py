@@ -387,3 +387,22 @@ async def test_a_decrease_keeps_the_requests_reserved_ahead_as_many(redis_url):
     # The lead was four requests and a burst at the old rate; kept in time, the first request at the
     # new rate would go before the last one reserved at the old rate, into a provider that is full.
     assert after - sends[-1] >= 1e6 / fast
+
+
+def test_a_process_taking_back_its_own_decrease_from_redis_keeps_its_anchor():
+    import time
+
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import DECREASE, Limiter, LimiterKey
+
+    limiter = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(3000, 0, 0))  # learns from 50/s
+    rate = limiter._rpm
+    rate.decreased(time.monotonic(), 52.0)  # a 429 at 50/s, and another near it: the limit is there
+    rate.rate = 52.0
+    rate.decreased(time.monotonic(), 52.0 * DECREASE)
+    anchor, confirmed = rate.anchor, rate.confirmed
+    assert (anchor, confirmed) == (52.0, 1)
+    rate.rate *= 1.01  # it grew a little before its next reservation brought its own decrease back
+    limiter._adopt(52.0 * DECREASE, None, None, decreased=True)
+    assert rate.rate == pytest.approx(52.0 * DECREASE)
+    assert (rate.anchor, rate.confirmed) == (anchor, confirmed)  # not a second 429 at 44/s

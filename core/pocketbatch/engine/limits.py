@@ -712,7 +712,12 @@ class Limiter:
                 # Growth within the epoch: a lower value is an older one (this process's own growth is
                 # still on its way to Redis), not a decrease; taking it for one ended slow start early.
                 continue
-            if decreased and value < rate.rate:
+            if decreased and value < rate.rate and now - rate.decreased_at < rate.round_seconds():
+                # This episode is answered here already: most often this process's own decrease, back
+                # from Redis after it grew a little since. Taken for another 429 it would move the anchor
+                # down to the decreased rate and forget that the limit was confirmed.
+                rate.rate = min(value, rate.cap)
+            elif decreased and value < rate.rate:
                 # Another process slowed down after a 429: this episode is answered for us too. It went
                 # down from the anchor as this process would have (out of slow start to RECOVER_TO of
                 # what was admitted, else by DECREASE): recover toward that, not this process's own rate.
