@@ -406,3 +406,46 @@ def test_a_process_taking_back_its_own_decrease_from_redis_keeps_its_anchor():
     limiter._adopt(52.0 * DECREASE, None, None, decreased=True)
     assert rate.rate == pytest.approx(52.0 * DECREASE)
     assert (rate.anchor, rate.confirmed) == (anchor, confirmed)  # not a second 429 at 44/s
+
+
+def test_shared_slow_start_that_overshot_resumes_under_the_limit():
+    from pocketbatch.config import Limits
+    from pocketbatch.engine.limits import Limiter, LimiterKey, _Rate
+
+    # Four processes grew the shared rate to 2.4 times a limit of 50/s by the first 429; the shared rate
+    # of answers lags (27/s), so the rate a round earlier, 60/s, is the best guess of the limit.
+    rate = _Rate(configured=None, default=600, now=0.0)
+    rate.rate = 120.0
+    assert rate.decrease(1.0, sent_at=1.0, observed=100.0, admitted=27.0, shared=True)
+    assert rate.anchor == 60.0
+    assert rate.rate < 50.0  # every 429 of the next round is answered by this decrease: resume under
+    # Another process in slow start takes the decrease up from Redis and recovers toward the same rate.
+    other = Limiter(LimiterKey("p", "m", ""), Limits(), Limits(600, 0, 0))
+    other._rpm.rate = 110.0
+    other._adopt(rate.rate, None, None, decreased=True)
+    assert other._rpm.anchor == pytest.approx(rate.anchor)
+
+
+async def test_slow_start_that_overshot_pauses_for_what_every_process_reserved(redis_url):
+    import time
+
+    from pocketbatch.config import Limits
+    from pocketbatch.errors import RateLimitError
+
+    limiter = shared_limiter(redis_url, Limits(), Limits(600, 0, 0))
+    [request] = requests(1)
+    ticket = await limiter.acquire(request)
+    limiter.on_response(LLMResponse("ok"), ticket)
+    limiter.release(ticket)
+    ticket = await limiter.acquire(request)
+    limiter.shared.processes = 4
+    limiter._rpm.rate = 120.0  # slow start, shared by four processes, far past the limit
+    before = time.monotonic()
+    limiter.on_error(RateLimitError("429", status=429, retry_after=0.01), ticket)
+    limiter.release(ticket)
+    await asyncio.gather(*limiter._tasks)
+    await limiter.shared.close()
+    assert not limiter._rpm.slow_start
+    # The three other processes send the request each reserved at 120/s: the pause leaves room for them
+    # and one more at the new rate, not only for the one request a Retry-After counts.
+    assert limiter.paused_until >= before + 5 / limiter._rpm.rate

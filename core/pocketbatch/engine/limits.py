@@ -66,6 +66,10 @@ ROUND_SECONDS = (0.05, 0.35)
 DECREASE = 0.85  # multiplicative decrease on a 429
 RECOVER_TO = 0.95  # quick additive recovery up to this fraction of the rate that drew the 429 ...
 RECOVER_STEP = 0.05  # ... at this fraction of that rate per round,
+# Out of slow start, processes sharing a rate resume lower than one process: their growth compounds
+# faster than their sends follow, so the rate a round before the 429 may already have been past the
+# limit, and every 429 of the round after it is answered by the one decrease.
+SHARED_RESUME = RECOVER_TO * DECREASE
 PROBE_STEP = 0.005  # then a slow probe beyond it, per round, ...
 PROBE_DOUBLING = 8  # ... whose step doubles every this many rounds without a 429 (the limit may have
 #                     moved, or the first guess was far too low: growth turns exponential again) ...
@@ -214,9 +218,10 @@ class _Rate:
             self.rate = max(observed / 2, 1 / 60)
         elif self.slow_start and admitted:
             # Doubling overshot: the previous round's rate was fine and the provider admitted about its
-            # limit this round. Resume just under that instead of shrinking by DECREASE several times.
+            # limit this round. Resume just under that (lower when shared: SHARED_RESUME) instead of
+            # shrinking by DECREASE several times.
             self.anchor = min(self.rate, max(admitted, self.rate / 2))
-            self.rate = max(RECOVER_TO * self.anchor, 1 / 60)
+            self.rate = max((SHARED_RESUME if shared else RECOVER_TO) * self.anchor, 1 / 60)
             self.slow_start = False
         else:
             self.decreased(now, max(self.rate * DECREASE, 1 / 60))
@@ -719,9 +724,9 @@ class Limiter:
                 rate.rate = min(value, rate.cap)
             elif decreased and value < rate.rate:
                 # Another process slowed down after a 429: this episode is answered for us too. It went
-                # down from the anchor as this process would have (out of slow start to RECOVER_TO of
+                # down from the anchor as this process would have (out of slow start to SHARED_RESUME of
                 # what was admitted, else by DECREASE): recover toward that, not this process's own rate.
-                anchor = value / (RECOVER_TO if rate.slow_start else DECREASE)
+                anchor = value / (SHARED_RESUME if rate.slow_start else DECREASE)
                 rate.decreased(now, min(value, rate.cap), min(rate.rate, anchor))
             else:
                 rate.rate = min(value, rate.cap)
@@ -869,6 +874,7 @@ class Limiter:
             self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
             return
         now = time.monotonic()
+        pause = error.retry_after if error.retry_after is not None else DEFAULT_PAUSE
         rl = error.rate_limits
         tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
         # Shared through Redis, this process saw its part of what all of them sent and were admitted.
@@ -885,11 +891,16 @@ class Limiter:
                 else scale * _per_second(self._oks, now, self._rpm.round_seconds())
             )
             observed = scale * self._observed_requests(now)
+            overshot = self._rpm.slow_start
             changed = self._rpm.decrease(now, ticket.sent_at, observed, admitted, shared)
+            if shared and overshot and not self._rpm.slow_start:
+                # The overshoot emptied the provider's window, and each process still sends the request
+                # it reserved at the old rate: wait until the window has room for those and one more.
+                pause = max(pause, (scale + 1) / self._rpm.rate)
         if changed:
             self._changed(reserved_at=ticket.shared_reserved)
         # after the rate change, so the pause holds the bucket at its new rate
-        self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+        self.pause(pause)
 
     def pause(self, seconds: float) -> None:
         """Hold every caller of this limiter for `seconds` (capped) from now: one shared wake-up time
