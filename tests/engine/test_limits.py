@@ -300,6 +300,7 @@ async def test_a_configured_limiter_has_no_first_wave():
 async def test_a_request_with_room_is_let_through_without_waiting_and_one_that_would_wait_is_not():
     unlimited = Limiter(LimiterKey("p", "m", ""), Limits(rpm=0, tpm=0), Limits(600, 0, 0))
     assert all(unlimited.admit_now(_request()) for _ in range(100))
+    assert not unlimited._sends  # no rate of its can move: it keeps no history of what went out
     unlimited.pause(1.0)
     assert unlimited.admit_now(_request()) is None  # paused: acquire waits it out
 

@@ -84,7 +84,7 @@ def reply(request: LLMRequest) -> tuple[str, Usage]:
     if not isinstance(content, str):  # content blocks
         content = " ".join(b.get("text", "") for b in content if isinstance(b, dict))
     words = content.split(None, 12)  # the first twelve, and the rest in one piece if there is more
-    digest = hashlib.sha256(_reply_key(request).encode()).hexdigest()[:6]
+    digest = hashlib.sha256(_reply_key(request).encode()).digest()[:3].hex()  # hexdigest()[:6], made smaller
     text = f"[{request.model} {digest}] " + " ".join(words[:12]) + (" …" if len(words) > 12 else "")
     prompt_chars = len(request.system or "") + sum(len(str(m.get("content", ""))) for m in messages)
     return text, Usage(max(1, -(-prompt_chars // 4)), max(1, -(-len(text) // 4)))
@@ -192,7 +192,8 @@ class OfflineProvider(Provider):
             limits = self._limit.admit()  # rejected calls cost no latency, as a real 429 costs little
         await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_LATENCY", 0.05))
         failure = _request_failure(request)
-        if failure is None and random.random() < _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0):
+        fail_rate = _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0)
+        if failure is None and fail_rate and random.random() < fail_rate:
             failure = TransientError("offline: simulated server error", status=500)
         if failure:
             raise failure

@@ -423,6 +423,8 @@ class Limiter:
         # A cap learned from 429s for concurrent requests, where the user set none (0: none learned).
         self._learn_concurrency = limits.max_concurrency is None
         self._in_flight = 0  # tickets out: requests let through and not yet released
+        # Both rates configured unlimited: no rate can move, so nobody reads when requests went out.
+        self._tracks_rates = not (self._rpm.fixed_unlimited and self._tpm.fixed_unlimited)
         self._since_cap = 0  # answers since the learned cap last moved
         self._version = getattr(self, "_version", 0) + 1
 
@@ -642,6 +644,13 @@ class Limiter:
         """Count a request that goes now, grow the rates when due, and give its ticket."""
         now = time.monotonic()
         self._in_flight += 1
+        if self._tracks_rates:
+            self._count_send(now, tokens)
+        output_guess = request.max_tokens is None
+        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_reserved)
+
+    def _count_send(self, now: float, tokens: int) -> None:
+        """What went out, for the observed rate; and the rates grown when due."""
         self._sends.append(now)
         self._avg_tokens += _EMA * (tokens - self._avg_tokens)
         share = 1 / self.shared.processes if self.shared is not None and not self.shared.lost() else 1.0
@@ -654,8 +663,6 @@ class Limiter:
             sent = (sent_now, sent_now * self._avg_tokens)
             if self._rpm.grow(now, share, sent[0]) | self._tpm.grow(now, share, sent[1]):
                 self._changed("grow", before, sent)
-        output_guess = request.max_tokens is None
-        return Ticket(now, tokens, chars, output_guess, semaphore, first_wave, lease, shared_reserved)
 
     async def _reserve_shared(
         self, state: _LoopState, chars: int, max_tokens: int | None
@@ -823,7 +830,8 @@ class Limiter:
 
     def on_response(self, response: LLMResponse, ticket: Ticket) -> None:
         self._answered()
-        self._oks.append(time.monotonic())
+        if self._tracks_rates:
+            self._oks.append(time.monotonic())
         usage = response.usage
         if usage.input_tokens and ticket.chars:
             ratio = usage.input_tokens / (ticket.chars / CHARS_PER_TOKEN)
