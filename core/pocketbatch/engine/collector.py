@@ -217,7 +217,6 @@ async def _decide_and_run(group: list[Call]) -> None:
         settings(),
         concurrent_seconds=limiter.seconds_for(len(group), limiter.tokens_for(*tokens)),
         mode=group[0].mode,
-        output_tokens=limiter.typical_output_tokens,
         tokens=tokens,
     )
     notes = dict.fromkeys(c.note for c in group if c.note)

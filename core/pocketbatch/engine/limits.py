@@ -172,10 +172,10 @@ class _Rate:
         applies each one's growth to the stored rate in turn, so together they grow it as one would.
         `sent`: the rate requests (or tokens) actually went out at lately, which slow start may not pass
         by more than twice (a rate nothing is sent at says nothing of the limit)."""
-        dt = now - self.grown_at
-        rnd = self.round_seconds()
         if not self.due(now):
             return False
+        dt = now - self.grown_at
+        rnd = self.round_seconds()
         queued, self.queued, self.grown_at = self.queued, False, now
         if not queued or self.rate >= self.cap:
             return False
@@ -199,7 +199,7 @@ class _Rate:
         processes to the shared rate up to it.)"""
         if self.slow_start:
             return min(self.cap, max(self.rate, 2 * sent))
-        if not self.slow_start and self.anchor < INF and self.rate <= RECOVER_TO * self.anchor * 1.000001:
+        if self.anchor < INF and self.rate <= RECOVER_TO * self.anchor * 1.000001:
             return min(self.cap, RECOVER_TO * self.anchor)
         return self.cap
 
@@ -784,9 +784,8 @@ class Limiter:
         state.wake(everyone=False)
 
     async def _acquire_tokens(self, state: _LoopState, chars: int, max_tokens: int | None) -> int:
-        """Take this request's tokens from the local bucket, if there is one; the estimate taken."""
-        if self._bucket(state, "tpm") is None:
-            return self._estimate(chars, max_tokens)
+        """Take this request's tokens from the local bucket (acquire calls it only when there is one); the
+        estimate taken."""
         # One caller at a time, in arrival order, so a large request is not overtaken forever by small
         # ones; a request larger than the bucket pays in bucket-sized parts. Estimated at its turn, as
         # through Redis (_reserve_shared), with what the answers so far taught.
@@ -866,6 +865,7 @@ class Limiter:
             self._reported(error.rate_limits)
         if not (isinstance(error, RateLimitError) or error.status == 429) or not error.retryable:
             return  # exhausted quota (retryable False) is not a rate: slowing down would not help
+        pause = error.retry_after if error.retry_after is not None else DEFAULT_PAUSE
         if _for_concurrency(error):
             # Too many requests at once, not too many a minute: cap what is in flight, leave the rate.
             if self._learn_concurrency:
@@ -874,15 +874,14 @@ class Limiter:
                 self.max_concurrency = max(1, min(cap, math.floor(in_flight * DECREASE)))
                 self._since_cap = 0
                 self._apply_cap()
-            self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+            self.pause(pause)
             return
         if not known:
             # Sent before anything came back: a start-up burst, or a window another client emptied.
             # Wait as told, but the rate this limiter sends at has not been tried yet.
-            self.pause(error.retry_after if error.retry_after is not None else DEFAULT_PAUSE)
+            self.pause(pause)
             return
         now = time.monotonic()
-        pause = error.retry_after if error.retry_after is not None else DEFAULT_PAUSE
         rl = error.rate_limits
         tokens_exhausted = rl is not None and rl.remaining_tokens == 0 and rl.remaining_requests != 0
         # Shared through Redis, this process saw its part of what all of them sent and were admitted.
