@@ -752,8 +752,24 @@ def test_a_flow_copies_nodes_as_copy_copy_does_their_own_copy_and_slots_kept():
         def exec(self, prep_res):
             seen.append(("plain", self.params, self is not plain))
 
-    slotted, own, plain = Slotted(), OwnCopy(), Plain()
+    class Guarded(Node):  # copy.copy fills the copy's __dict__ without calling __setattr__
+        def __setattr__(self, name, value):
+            seen.append(("set", name))
+            super().__setattr__(name, value)
+
+        def exec(self, prep_res):
+            seen.append(("guarded", self.max_retries))
+
+    slotted, own, plain, guarded = Slotted(), OwnCopy(), Plain(), Guarded()
     slotted.tag = "kept"
-    slotted >> own >> plain
+    slotted >> own >> plain >> guarded
+    seen.clear()  # Guarded's __init__ set its attributes
     Flow(start=slotted).run({})
-    assert seen == [("slotted", "kept"), ("own", True), ("plain", {}, True)]
+    assert seen == [
+        ("slotted", "kept"),
+        ("own", True),
+        ("plain", {}, True),
+        ("set", "params"),  # set_params and the retry loop, on the copy: its only assignments
+        ("set", "cur_retry"),
+        ("guarded", 1),
+    ]

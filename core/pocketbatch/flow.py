@@ -61,12 +61,14 @@ class BaseNode:
 
 def _copy(node: BaseNode | None) -> Any:
     """copy.copy(node): a flow copies each node it visits, and a parallel node each item's. For a plain
-    class this is what copy.copy does, without its __reduce_ex__ round trip (4× slower); a class with
-    __slots__ or its own way of copying goes through copy.copy."""
+    class this is what copy.copy does, without its __reduce_ex__ round trip (3× slower), attribute by
+    attribute: the copy's own __dict__ is never made, 64 bytes less for each waiting item. A class with
+    __slots__, descriptors that take assignment or its own way of copying goes through copy.copy."""
     cls = type(node)
     if _copies_plainly(cls):
         clone = cls.__new__(cls)
-        clone.__dict__.update(node.__dict__)
+        for name, value in node.__dict__.items():
+            setattr(clone, name, value)
         return clone
     return copy.copy(node)
 
@@ -79,7 +81,11 @@ def _copies_plainly(cls: type) -> bool:
         and cls.__reduce_ex__ is object.__reduce_ex__
         and cls.__reduce__ is object.__reduce__
         and cls.__new__ is object.__new__
-        and not any("__slots__" in vars(k) for k in cls.__mro__)
+        and cls.__setattr__ is object.__setattr__
+        and not any(
+            "__slots__" in vars(k) or any(hasattr(v, "__set__") for n, v in vars(k).items() if n[:2] != "__")
+            for k in cls.__mro__
+        )
     )
 
 

@@ -29,14 +29,20 @@ def build_request(
     max_tokens: int | None = None,
     temperature: float | None = None,
     schema: SchemaLike | None = None,
-    **options: Any,
+    options: dict[str, Any] | None = None,
 ):
     """The provider and request a call stands for; an unknown model, a missing key or a schema that is
-    not usable with the provider is a ConfigError here."""
+    not usable with the provider is a ConfigError here. The request keeps `options` itself, not a copy
+    (call_llm_async's own `**options` dict, made for this call)."""
     provider, name = resolve(model)
     provider.api_key()  # a missing key fails before any call, naming its variable
     request = LLMRequest.from_prompt(
-        prompt, name, system=system, max_tokens=max_tokens, temperature=temperature, options=options
+        prompt,
+        name,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        options={} if options is None else options,
     )
     if schema is not None:
         request = structured.with_schema(provider, request, compile_schema(schema))
@@ -66,7 +72,7 @@ async def call_llm_async(
         max_tokens=max_tokens,
         temperature=temperature,
         schema=schema,
-        **options,
+        options=options,
     )
     here = collector.current()
     if here is None:

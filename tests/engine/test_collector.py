@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -285,35 +286,41 @@ async def test_a_round_that_keeps_making_progress_does_not_time_out(pocketbatch_
 
 
 class Counting(FakeProvider):
-    """Counts the calls in flight at once; each takes `latency` seconds (0: answered at the next turn)."""
+    """Counts the calls in flight at once; each waits `latency` seconds (0: answered at the next turn),
+    then computes for `cpu` seconds."""
 
-    def __init__(self, name, latency):
+    def __init__(self, name, latency, cpu=0.0):
         super().__init__(name)
-        self.wait, self.now, self.most = latency, 0, 0
+        self.wait, self.cpu, self.now, self.most = latency, cpu, 0, 0
 
     async def call_llm_async(self, request):
         self.now += 1
         self.most = max(self.most, self.now)
         try:
             await asyncio.sleep(self.wait)
+            end = time.process_time() + self.cpu
+            while time.process_time() < end:
+                pass
         finally:
             self.now -= 1
         return await super().call_llm_async(request)
 
 
 @pytest.mark.parametrize(
-    ("latency", "grow_after", "grows"),
-    [(0, 3600, False), (0.05, 0.01, True)],  # answered at once: the first 256 workers; waiting: more
-    ids=["answered-at-once", "waiting"],
+    ("latency", "cpu", "grows"),
+    # Waiting on the "network": more workers. Answered at once, or computing: every call waits longer
+    # than GROW_AFTER in the loop's own queue (256 calls ahead of it), and more workers would not help.
+    [(0.05, 0, True), (0, 0, False), (0, 0.0005, False)],
+    ids=["waiting", "answered-at-once", "computing"],
 )
 async def test_the_worker_pool_grows_only_while_calls_wait(
-    register_provider, pocketbatch_env, monkeypatch, latency, grow_after, grows
+    register_provider, pocketbatch_env, monkeypatch, latency, cpu, grows
 ):
     from pocketbatch.engine import collector
 
-    monkeypatch.setattr(collector, "GROW_AFTER", grow_after)
+    monkeypatch.setattr(collector, "GROW_AFTER", 0.01)
     pocketbatch_env(POCKETBATCH_COUNT_RPM=0, POCKETBATCH_COUNT_TPM=0, POCKETBATCH_MODE="concurrent")
-    provider = register_provider(Counting("count", latency))
+    provider = register_provider(Counting("count", latency, cpu))
 
     class AskCounting(Ask):
         async def exec_async(self, i):

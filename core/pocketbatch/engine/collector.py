@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -30,8 +31,10 @@ log = logging.getLogger("pocketbatch")
 
 # Calls in flight at once when no limit bounds them (more than a connection pool takes).
 MAX_WORKERS = 4096
-# A call that took this long waited (on the network or the limiter): the pool grows by one worker.
+# A call that took this long waited (on the network or the limiter): the pool grows by one worker,
+# unless the process was computing most of that time (then the wait was its own event loop's queue).
 GROW_AFTER = 0.02
+BUSY = 0.5  # of the time since the pool last looked, spent on the CPU: the loop is the bottleneck
 
 # (round, item key) of the item the running task belongs to; None outside parallel nodes.
 _current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
@@ -45,16 +48,32 @@ class Call:
     request: LLMRequest
     mode: str | None
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    owners: list[tuple[Round, int]] = field(default_factory=list)
+    # The round that counts it as outstanding, with its item's key, in fields rather than a list of
+    # pairs (at 100,000 waiting calls, the list and its tuple were an eighth of a KiB each); `outer`
+    # holds the enclosing rounds a nested round handed it up to.
+    round: Round | None = None
+    key: int = 0
+    outer: list[tuple[Round, int]] | None = None
     note: str | None = None  # why it left its round early (the round timed out); on the decision line
     work: _Work | None = None  # the task sending it, once its round was dispatched
+
+    def held_by(self, round_: Round, key: int) -> None:
+        if self.round is None:
+            self.round, self.key = round_, key
+        elif self.outer is None:
+            self.outer = [(round_, key)]
+        else:
+            self.outer.append((round_, key))
 
     def settle(self, outcome: LLMResponse | BaseException) -> None:
         # Counts drop before any waiting item resumes, so the items of a finished batch job all count as
         # running again at once, and their next calls gather into one round instead of one each.
-        for round_, key in self.owners:
-            round_.answered(key)
-        self.owners.clear()
+        if self.round is not None:
+            self.round.answered(self.key)
+            self.round = None
+            for round_, key in self.outer or ():
+                round_.answered(key)
+            self.outer = None
         if isinstance(outcome, asyncio.CancelledError) and self.work is not None:
             self.work.cancelled_one()
             self.work = None
@@ -125,7 +144,7 @@ class Round:
         """Count calls as the item's outstanding ones and hold them until the round is ready."""
         self.outstanding[key] = self.outstanding.get(key, 0) + len(calls)
         for call in calls:
-            call.owners.append((self, key))
+            call.held_by(self, key)
             if call.mode is None:
                 call.mode = self.mode
         self.pending.extend(calls)
@@ -244,9 +263,9 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
     unlimited rate would otherwise start a task for every call, twice the round's memory at its peak.
 
     It starts with DEFAULT_WORKERS and grows by one worker for each call that took GROW_AFTER or more
-    (it waited on the network or the limiter): calls answered at once (a local server, the offline
-    provider) keep the pool small, and the coroutines of a small pool stay in the CPU's caches (4,096
-    workers made each such call a tenth slower than 256)."""
+    while the process was mostly waiting (on the network or the limiter): calls answered at once (a
+    local server, the offline provider) keep the pool small, and the coroutines of a small pool stay in
+    the CPU's caches (4,096 workers made each such call a tenth slower than 256)."""
     from . import concurrent
 
     rate_workers = int(min(limiter.rpm, MAX_WORKERS * 6) / 6)
@@ -255,6 +274,7 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
     sender = concurrent.Sender(provider, group[0].request.model)
     clock = asyncio.get_running_loop().time
     workers: list[asyncio.Future] = []
+    look = [clock(), time.process_time(), True]  # loop and CPU time when the pool last looked; its answer
 
     async def worker() -> None:
         for call in queue:  # one shared iterator: each worker takes the next call
@@ -265,7 +285,7 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
                 call.settle(await sender.send(call.request))
             except Exception as e:
                 call.settle(e)
-            if len(workers) < most and clock() - began >= GROW_AFTER:
+            if len(workers) < most and clock() - began >= GROW_AFTER and _waited(look):
                 workers.append(asyncio.ensure_future(worker()))
 
     workers.extend(asyncio.ensure_future(worker()) for _ in range(min(most, concurrent.DEFAULT_WORKERS)))
@@ -277,6 +297,17 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
             task.cancel()
         await asyncio.gather(*workers, return_exceptions=True)
         raise
+
+
+def _waited(look: list) -> bool:
+    """Whether the process spent most of the time since the pool last looked waiting (on the network or
+    the limiter), not computing. A slow call in a process that computes all the time waited in its own
+    loop's queue, and one more worker would only lengthen the queue: at 100,000 calls answered at once,
+    the pool grew to 3,000 workers that way, a third of a KiB an item. Looked at most every GROW_AFTER."""
+    now, cpu = asyncio.get_running_loop().time(), time.process_time()
+    if now - look[0] >= GROW_AFTER:
+        look[:] = now, cpu, cpu - look[1] < BUSY * (now - look[0])
+    return look[2]
 
 
 _running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
