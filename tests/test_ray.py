@@ -130,7 +130,7 @@ def submitted(jobs: Path) -> list[list[int]]:
     """The row ids of each batch job the simulated provider received."""
     out = []
     for path in sorted(jobs.glob("offline-batch-*.json")):
-        lines = [json.loads(line) for line in json.loads(path.read_text())["lines"]]
+        lines = [json.loads(line) for line in path.with_suffix(".jsonl").read_text().splitlines()]
         out.append(sorted(int(line["request"]["messages"][0]["content"].split()[2]) for line in lines))
     return out
 

@@ -20,7 +20,10 @@ def quick_batches(pocketbatch_env, monkeypatch):
 
 
 def jobs():
-    return [json.loads(p.read_text()) for p in OfflineBatch.folder().glob("*.json")]
+    return [
+        {**job, "lines": list(OfflineBatch.lines(job["id"]))}
+        for job in (json.loads(p.read_text()) for p in OfflineBatch.folder().glob("*.json"))
+    ]
 
 
 class Ask(AsyncParallelBatchNode):

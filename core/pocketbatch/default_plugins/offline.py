@@ -17,6 +17,7 @@ re-ask (a different request) may pass where its first answer failed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,7 +25,8 @@ import os
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import platformdirs
@@ -221,8 +223,17 @@ def _response(
     )
 
 
+_FATES = ("succeeded", "errored", "expired", "canceled")
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(LLMRequest))
+
+
 class OfflineBatch(BatchAPI):
-    """A simulated batch API: jobs are files that finish after POCKETBATCH_OFFLINE_BATCH_SECONDS."""
+    """A simulated batch API: jobs are files that finish after POCKETBATCH_OFFLINE_BATCH_SECONDS.
+
+    A job is two files, as a real batch API keeps its input file apart from the job: `<id>.jsonl`, one
+    request a line (custom_id and request), and `<id>.json`, the job itself (created, seconds, fail
+    rate, cancelled, tag, count), written last: a job exists once its `.json` does. Both are read line by
+    line, never held whole: a million-item round is a hundred jobs, all read at once when they end."""
 
     max_requests = 10_000
     max_bytes = 50 * 1024 * 1024
@@ -243,6 +254,13 @@ class OfflineBatch(BatchAPI):
     def _load(self, job_id: str) -> dict:
         return json.loads(self._path(job_id).read_text())
 
+    @classmethod
+    def lines(cls, job_id: str) -> Iterator[dict]:
+        """The job's request lines ({"custom_id": ..., "request": {...}}), in the order submitted."""
+        with open(cls.folder() / f"{job_id}.jsonl", encoding="utf-8") as file:
+            for line in file:
+                yield json.loads(line)
+
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         return self._create(items, None)
 
@@ -258,18 +276,26 @@ class OfflineBatch(BatchAPI):
         return None
 
     def _create(self, items: list[tuple[str, LLMRequest]], tag: str | None) -> str:
-        # vars(), not asdict(): the fields as they are (plain JSON values), without asdict's deep copy
-        lines = [json.dumps({"custom_id": cid, "request": vars(req)}) for cid, req in items]
         if len({cid for cid, _ in items}) != len(items):
             raise BatchError("offline: custom_ids in one batch must be unique", status=400)
-        size = sum(len(line) + 1 for line in lines)
+        job_id = f"offline-batch-{uuid.uuid4().hex[:12]}"
+        folder = self.folder()
+        size = 0
+        with open(folder / f"{job_id}.jsonl.tmp", "w", encoding="utf-8") as file:
+            for cid, req in items:
+                # The fields as they are (plain JSON values): asdict() would deep-copy them, and vars()
+                # would make each request's __dict__ for good, 64 bytes of every item still waiting.
+                fields = {name: getattr(req, name) for name in _REQUEST_FIELDS}
+                line = json.dumps({"custom_id": cid, "request": fields}) + "\n"
+                size += len(line)
+                file.write(line)
         if len(items) > self.max_requests or size > self.max_bytes:
+            (folder / f"{job_id}.jsonl.tmp").unlink()
             raise BatchError(
                 f"offline: a batch holds at most {self.max_requests} requests and {self.max_bytes} bytes; "
                 f"this one has {len(items)} and {size}",
                 status=413,
             )
-        job_id = f"offline-batch-{uuid.uuid4().hex[:12]}"
         job = {
             "id": job_id,
             "created": time.time(),
@@ -277,11 +303,12 @@ class OfflineBatch(BatchAPI):
             "fail_rate": _env_number("POCKETBATCH_OFFLINE_FAIL_RATE", 0),
             "cancelled": None,
             "tag": tag,
-            "lines": lines,
+            "count": len(items),
         }
-        tmp = self.folder() / f"{job_id}.tmp"
+        (folder / f"{job_id}.jsonl.tmp").replace(folder / f"{job_id}.jsonl")
+        tmp = folder / f"{job_id}.tmp"
         tmp.write_text(json.dumps(job))
-        tmp.replace(self.folder() / f"{job_id}.json")  # a crash never leaves half a job
+        tmp.replace(folder / f"{job_id}.json")  # a crash never leaves half a job
         return job_id
 
     def _finished_at(self, job: dict) -> float:
@@ -290,24 +317,25 @@ class OfflineBatch(BatchAPI):
 
     async def status(self, job_id: str) -> BatchStatus:
         job = self._load(job_id)
-        total = len(job["lines"])
+        total = job["count"]
         if time.time() < self._finished_at(job):
             return BatchStatus("running", {"processing": total}, raw={"id": job_id})
+        fates, _ = self._outcomes(job)
         counts: dict[str, int] = {}
-        for _, outcome in self._outcomes(job):
-            counts[outcome] = counts.get(outcome, 0) + 1
+        for fate in fates:
+            counts[_FATES[fate]] = counts.get(_FATES[fate], 0) + 1
         return BatchStatus("ended", counts, raw={"id": job_id})
 
-    def _outcomes(self, job: dict) -> list[tuple[int, str]]:
-        """(line number, fate) of every line, in the order results come back. Line numbers rather than
-        the decoded lines: a job of 50,000 requests would otherwise hold them all while it is read."""
+    def _outcomes(self, job: dict) -> tuple[bytes, array]:
+        """The fate of every line (an index into _FATES, by line number) and the order results come back
+        in (line numbers): a few bytes a line, where the decoded lines were a third of a KiB."""
         rng = random.Random(job["id"])  # the same job always ends the same way
         done_share = 1.0
         if job["cancelled"] and job["cancelled"] < job["created"] + job["seconds"]:
             done_share = max(0.0, (job["cancelled"] - job["created"]) / max(job["seconds"], 1e-9))
-        outcomes = []
-        for index, line in enumerate(job["lines"]):
-            request = json.loads(line)["request"]
+        fates = bytearray()
+        for line in self.lines(job["id"]):
+            request = line["request"]
             marked = request["options"].get("offline_error")
             roll = rng.random()
             if rng.random() >= done_share:
@@ -320,28 +348,41 @@ class OfflineBatch(BatchAPI):
                 outcome = "expired"
             else:
                 outcome = "succeeded"
-            outcomes.append((index, outcome))
-        rng.shuffle(outcomes)  # real batch APIs return lines in any order
-        return outcomes
+            fates.append(_FATES.index(outcome))
+        order = array("L", range(len(fates)))
+        rng.shuffle(order)  # real batch APIs return lines in any order
+        return bytes(fates), order
 
     async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
         job = self._load(job_id)
         if time.time() < self._finished_at(job):
             raise RequestError(f"offline: batch job {job_id} has not ended yet", status=409)
         await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS", 0))
-        for n, (index, outcome) in enumerate(self._outcomes(job), 1):
+        fates, order = self._outcomes(job)
+        for n, (index, line) in enumerate(self._read_back(job_id, order), 1):
             if n % 256 == 0:
                 await asyncio.sleep(0)  # a download takes turns with the program's other tasks
-            item = json.loads(job["lines"][index])
-            request = LLMRequest(**item["request"])
-            if outcome == "succeeded":
-                yield item["custom_id"], _response(request, via="batch")
-            elif outcome == "errored":
+            item = json.loads(line)
+            cid, request, fate = item["custom_id"], LLMRequest(**item["request"]), _FATES[fates[index]]
+            if fate == "succeeded":
+                yield cid, _response(request, via="batch")
+            elif fate == "errored":
                 failure = _request_failure(request)
-                yield item["custom_id"], failure or TransientError("offline: batch line failed", status=500)
+                yield cid, failure or TransientError("offline: batch line failed", status=500)
             else:
-                verb = "expired before it ran" if outcome == "expired" else "was cancelled before it ran"
-                yield item["custom_id"], TransientError(f"offline: the batch request {verb}")
+                verb = "expired before it ran" if fate == "expired" else "was cancelled before it ran"
+                yield cid, TransientError(f"offline: the batch request {verb}")
+
+    def _read_back(self, job_id: str, order: array) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of the job's request lines, in `order`."""
+        starts, at = array("Q"), 0
+        with open(self.folder() / f"{job_id}.jsonl", "rb") as file:
+            for line in file:  # where each line starts
+                starts.append(at)
+                at += len(line)
+            for index in order:
+                file.seek(starts[index])
+                yield index, file.readline()
 
     async def cancel(self, job_id: str) -> None:
         path = self._path(job_id)

@@ -16,8 +16,7 @@ import json
 import logging
 import random
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
@@ -47,21 +46,30 @@ class CancelPolicy:
 cancel_policy: ContextVar[CancelPolicy | None] = ContextVar("pocketbatch_cancel_policy", default=None)
 
 MAX_POLL_INTERVAL = 60.0
+SETTLE_EVERY = 1_000  # a job's lines answered before the items they answer get a turn to resume
 ENVELOPE_BYTES = 200  # custom_id, method, url and JSON punctuation around each request body
 
 
 def custom_ids(requests: list[LLMRequest]) -> list[str]:
     """Ids from each request's content (the same round gets the same ids in any order), unique per round."""
-    return _ids([_canonical(request) for request in requests])
+    return _ids(map(_canonical, requests))
 
 
-def _ids(canonical: list[str]) -> list[str]:
-    seen: Counter[str] = Counter()
-    ids = []
+def _ids(canonical: Iterable[str]) -> list[str]:
+    """`pb-<digest>-<n>`: the n-th request of the round with that content. Counted only for contents seen
+    twice; the others are told apart by a set of their ids, which exist anyway."""
+    ids: list[str] = []
+    firsts: set[str] = set()
+    again: dict[str, int] = {}
     for text in canonical:
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
-        ids.append(f"pb-{digest}-{seen[digest]}")
-        seen[digest] += 1
+        cid = f"pb-{digest}-0"
+        if cid in firsts:
+            n = again[digest] = again.get(digest, 0) + 1
+            cid = f"pb-{digest}-{n}"
+        else:
+            firsts.add(cid)
+        ids.append(cid)
     return ids
 
 
@@ -173,9 +181,18 @@ class BatchRound:
     @classmethod
     def of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
         model = calls[0].request.model
-        canonical = [_canonical(c.request) for c in calls]
-        ids = _ids(canonical)
-        sizes = {cid: len(text) for cid, text in zip(ids, canonical, strict=True)}
+        lengths: list[int] = []
+
+        def canonical() -> Iterator[str]:
+            # Measured and hashed as each is made, not held: at 200,000 requests the texts were a
+            # quarter of a KiB each at the round's peak of memory.
+            for call in calls:
+                text = _canonical(call.request)
+                lengths.append(len(text))
+                yield text
+
+        ids = _ids(canonical())
+        sizes = dict(zip(ids, lengths, strict=True))
         key = round_key(provider, model, ids)
         return cls(provider, model, dict(zip(ids, calls, strict=True)), key, sizes)
 
@@ -203,6 +220,7 @@ class BatchRound:
                     self.journal.end_submission(self.key, sub.tag)
             fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
             planned = earlier + [(c, None) for c in chunks(self.provider, fresh, self.sizes)]
+            self.sizes = None  # read once, here
             submitted = await asyncio.gather(*(self._submit(c, sub) for c, sub in planned))
         # Every job of the round is in the journal now: another run of it may go and re-attach.
         jobs = [(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
@@ -433,39 +451,56 @@ class BatchRound:
     async def _collect_lines(self, job_id: str, ids: list[str]) -> list[str]:
         assert self.api is not None
         interval = self.settings.poll_interval
+        final: dict[str, LLMResponse | BaseException] = {}  # the job's lines answered for good
         while True:
             try:
-                lines = {cid: outcome async for cid, outcome in self.api.results(job_id)}
+                await self._settle_lines(job_id, final)
                 break
-            except LLMError as e:
+            except LLMError as e:  # read again: the lines settled so far are skipped
                 if not e.retryable:
                     raise
                 log.info("reading the results of batch job %s failed (%s); trying again", job_id, e)
                 await asyncio.sleep(interval)
                 interval = min(interval * 1.5, MAX_POLL_INTERVAL)
-        final: dict[str, LLMResponse | BaseException] = {}
-        retry = []
-        for cid in ids:
-            # Popped, so each provider response is freed as its priced copy is made instead of both
-            # living until the whole job is settled.
-            outcome = lines.pop(cid, None)
+        # One transaction for the job: in transactions of a thousand, SQLite wrote each one's pages of the
+        # outcomes' index (custom_ids are hashes, so every insert lands on a page of its own) again, and
+        # the journal took twice as long. Until then a crash loses nothing: the job's id is journaled, and
+        # the next run reads its lines again.
+        if self.journal is not None and final:
+            self.journal.save_outcomes(self.key, final, job_id)
+        # Errored retryably, expired, cancelled or missing from the output.
+        return [cid for cid in ids if cid not in final]
+
+    async def _settle_lines(self, job_id: str, final: dict[str, LLMResponse | BaseException]) -> None:
+        """Settle the job's final lines as they are read: the items they answer resume every SETTLE_EVERY
+        lines, before more are read. A job of 50,000 lines held whole until it was settled, next to the
+        50,000 items still waiting on it, was a batch round's peak of memory."""
+        assert self.api is not None
+        read = 0
+        async for cid, outcome in self.api.results(job_id):
+            if cid in final or cid not in self.calls:
+                continue  # settled by an earlier read, or not this round's
             if isinstance(outcome, LLMResponse):
-                final[cid] = self._priced(outcome)
+                outcome = final[cid] = self._priced(outcome)
             elif isinstance(outcome, LLMError) and not outcome.retryable:
                 final[cid] = outcome
-            else:  # errored retryably, expired, cancelled, or missing from the output
-                retry.append(cid)
-        if self.journal is not None:
-            self.journal.save_outcomes(self.key, final, job_id)
-        for cid, outcome in final.items():
+            else:
+                continue
             self._settle(cid, outcome, record=False)
-        return retry
+            read += 1
+            if read % SETTLE_EVERY == 0:
+                await asyncio.sleep(0)
 
     def _priced(self, response: LLMResponse) -> LLMResponse:
-        cost = response.cost_usd
-        if cost is None:
-            cost = self._cost(response.model or self.model, response.usage)
-        return response.replace(via="batch", cost_usd=cost, provider=response.provider or self.provider.name)
+        """The line's response as the round answers with it: via "batch", priced, its provider named.
+        Filled in on the response the provider's results gave, not on a copy: one response less made
+        and dropped for each of a job's lines (a provider that gives one response for several lines
+        gets the same fields on it each time)."""
+        if response.cost_usd is None:
+            response.cost_usd = self._cost(response.model or self.model, response.usage)
+        response.via = "batch"
+        response.provider = response.provider or self.provider.name
+        return response
 
     def _cost(self, model: str, usage: Usage) -> float | None:
         assert self.api is not None
