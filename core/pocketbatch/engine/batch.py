@@ -180,6 +180,11 @@ class BatchRound:
 
     @classmethod
     def of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
+        with cyclic_gc_paused(len(calls)):
+            return cls._of(provider, calls)
+
+    @classmethod
+    def _of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
         model = calls[0].request.model
         lengths: list[int] = []
 
@@ -201,6 +206,22 @@ class BatchRound:
         return self.journal is not None and self.settings.reuse and self.journal.knows(self.key)
 
     async def run(self, decision: Decision) -> None:
+        # The collector paused while the jobs are made and sent, as while their results are read (_collect):
+        # a line and its pieces for each call, and nothing to collect among them. What is left alive then
+        # (the ids, the jobs' lists) stays until the round ends: frozen, not walked when the collector is
+        # back (at 50,000 calls that walk was a twentieth of the batch path's time).
+        with frozen_until_settled(len(self.calls)) as freeze:
+            with cyclic_gc_paused(len(self.calls)):
+                submitted, attached = await self._submit_all(decision)
+                freeze()
+            # Every job of the round is in the journal now: another run of it may go and re-attach.
+            jobs = [(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
+            jobs += [job for done, _ in submitted for job in done]
+            rejected = [cid for _, ids in submitted for cid in ids]
+            await asyncio.gather(*(self._follow(*job) for job in jobs), self._concurrently(rejected))
+
+    async def _submit_all(self, decision: Decision) -> tuple[list, list]:
+        """(what each chunk's submission gave, the journal's jobs re-attached to)"""
         async with self._lease():
             if self.journal is not None:
                 self.journal.touch(self.key, self.provider.name, self.model)
@@ -222,11 +243,7 @@ class BatchRound:
             planned = earlier + [(c, None) for c in chunks(self.provider, fresh, self.sizes)]
             self.sizes = None  # read once, here
             submitted = await asyncio.gather(*(self._submit(c, sub) for c, sub in planned))
-        # Every job of the round is in the journal now: another run of it may go and re-attach.
-        jobs = [(job.job_id, job.custom_ids, job.submitted_at) for job in attached]
-        jobs += [job for done, _ in submitted for job in done]
-        rejected = [cid for _, ids in submitted for cid in ids]
-        await asyncio.gather(*(self._follow(*job) for job in jobs), self._concurrently(rejected))
+        return submitted, attached
 
     @asynccontextmanager
     async def _lease(self) -> AsyncIterator[None]:
@@ -476,17 +493,20 @@ class BatchRound:
         lines, before more are read. A job of 50,000 lines held whole until it was settled, next to the
         50,000 items still waiting on it, was a batch round's peak of memory."""
         assert self.api is not None
-        read = 0
+        read, calls, told = 0, self.calls, events.listening()
         async for cid, outcome in self.api.results(job_id):
-            if cid in final or cid not in self.calls:
-                continue  # settled by an earlier read, or not this round's
+            call = calls.get(cid)
+            if call is None or cid in final:
+                continue  # not this round's, or settled by an earlier read
             if isinstance(outcome, LLMResponse):
                 outcome = final[cid] = self._priced(outcome)
             elif isinstance(outcome, LLMError) and not outcome.retryable:
                 final[cid] = outcome
             else:
                 continue
-            self._settle(cid, outcome, record=False)
+            if told:
+                self._tell(outcome)
+            call.settle(outcome)
             read += 1
             if read % SETTLE_EVERY == 0:
                 await asyncio.sleep(0)
@@ -530,14 +550,18 @@ class BatchRound:
         if record and self.journal is not None:
             self.journal.save_outcomes(self.key, {cid: outcome})
         if not record:  # concurrent.call already told the listeners about its own calls
-            name, model = self.provider.name, self.model
-            events.emit(events.STARTED, name, model)
-            if isinstance(outcome, LLMResponse):
-                usage, cost = outcome.usage, outcome.cost_usd
-                events.emit(events.DONE, name, model, usage=usage, cost_usd=cost, via=outcome.via)
-            else:
-                events.emit(events.FAILED, name, model, error=outcome)
+            self._tell(outcome)
         self.calls[cid].settle(outcome)
+
+    def _tell(self, outcome: LLMResponse | BaseException) -> None:
+        """The events of a call answered without concurrent.call (by a job, or by the journal)."""
+        name, model = self.provider.name, self.model
+        events.emit(events.STARTED, name, model)
+        if isinstance(outcome, LLMResponse):
+            usage, cost = outcome.usage, outcome.cost_usd
+            events.emit(events.DONE, name, model, usage=usage, cost_usd=cost, via=outcome.via)
+        else:
+            events.emit(events.FAILED, name, model, error=outcome)
 
     async def _cancel(self, job_id: str) -> None:
         assert self.api is not None
