@@ -5,6 +5,7 @@ a fresh process.
     .venv/bin/python bench/node_path.py                                  # both modes, the issue's sizes
     .venv/bin/python bench/node_path.py --mode concurrent --items 100000
     .venv/bin/python bench/node_path.py --mode batch --items 1000000     # a million-item batch round
+    .venv/bin/python bench/node_path.py --floor                          # what any such node holds
 
 Time: from the flow's start to its end, per item (the offline provider's own work included: for a batch
 round it writes and reads its job files). Memory: the process's peak RSS less that of a baseline process
@@ -25,6 +26,13 @@ import tempfile
 import time
 
 SIZES = {"concurrent": 100_000, "batch": 200_000}
+# --floor: pocketflow 0.0.3's own AsyncParallelBatchNode (no pocketbatch at all), every item waiting at
+# once, as a round's items do; each row adds what the public API makes every call hold.
+FLOORS = {
+    "floor-future": "pocketflow's node, each item awaiting a future",
+    "floor-coroutine": "+ a coroutine with call_llm_async's signature around it",
+    "floor-request": "+ the call's LLMRequest",
+}
 TARGETS = {"concurrent": (30.0, 2.0), "batch": (100.0, 2.0)}  # (µs per item, KiB per item), issue 14
 
 
@@ -47,6 +55,9 @@ def worker(mode: str, items: int, baseline: bool) -> dict:
         results = [reply(LLMRequest.from_prompt(t, "offline-small"))[0] for t in texts]
         gc.collect()
         return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "n": len(results)}
+
+    if mode in FLOORS:
+        return floor(mode, texts)
 
     class Summaries(AsyncParallelBatchNode):  # the seed's node
         async def prep_async(self, shared):
@@ -72,11 +83,60 @@ def worker(mode: str, items: int, baseline: bool) -> dict:
     return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
 
 
+def floor(mode: str, texts: list[str]) -> dict:
+    """A floor row: the items answered (with the offline provider's reply) once every one is waiting."""
+    import asyncio
+
+    from pocketflow import AsyncFlow, AsyncParallelBatchNode
+
+    from pocketbatch.default_plugins.offline import reply
+    from pocketbatch.providers import LLMRequest
+
+    waiting: list[tuple[asyncio.Future, str]] = []
+
+    async def answer(text: str) -> str:
+        future = asyncio.get_running_loop().create_future()
+        waiting.append((future, text))
+        if len(waiting) == len(texts):  # all waiting: answer them
+            for each, prompt in waiting:
+                each.set_result(reply(LLMRequest.from_prompt(prompt, "offline-small"))[0])
+            waiting.clear()
+        return await future
+
+    async def like_call_llm_async(prompt, *, model=None, system=None, max_tokens=None, temperature=None,
+                                  schema=None, **options):  # fmt: skip
+        request = None
+        if mode == "floor-request":
+            request = LLMRequest.from_prompt(prompt, "offline-small", system=system, options=options)
+        response = await answer(prompt)
+        del request
+        return response
+
+    class Floor(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return shared["texts"]
+
+        async def exec_async(self, text):
+            if mode == "floor-future":
+                return await answer(text)
+            return await like_call_llm_async(text)
+
+        async def post_async(self, shared, prep_res, exec_res_list):
+            shared["results"] = exec_res_list
+
+    shared = {"texts": texts}
+    start = time.perf_counter()
+    asyncio.run(AsyncFlow(start=Floor()).run_async(shared))
+    seconds = time.perf_counter() - start
+    assert len(shared["results"]) == len(texts)
+    return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
+
+
 def run(mode: str, items: int, baseline: bool, tmp: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("POCKETBATCH_")}
     env |= {
         "POCKETBATCH_PROVIDER": "offline",
-        "POCKETBATCH_MODE": mode,
+        "POCKETBATCH_MODE": mode if mode in SIZES else "concurrent",
         "POCKETBATCH_OFFLINE_LATENCY": "0",
         "POCKETBATCH_OFFLINE_BATCH_SECONDS": "0",
         "POCKETBATCH_OFFLINE_RPM": "0",
@@ -96,12 +156,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=tuple(SIZES), action="append")
     parser.add_argument("--items", type=int, help="default: 100,000 concurrent, 200,000 batch")
+    parser.add_argument("--floor", action="store_true", help="pocketflow's own node, without pocketbatch")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         mode, items, baseline = args.worker
         print(json.dumps(worker(mode, int(items), baseline == "1")))
         return
+    if args.floor:
+        return print_floor(args.items or SIZES["concurrent"])
     python = sys.version.split()[0]
     print(f"Python {python}; each run a fresh process; offline provider, no latency, journal on")
     print("| mode | items | µs per item | extra peak KiB per item | target (µs, KiB) | total | extra peak |")
@@ -119,6 +182,17 @@ def main() -> None:
             f"{got['seconds']:.1f} s | {extra / 1024:,.0f} MiB |",
             flush=True,
         )
+
+
+def print_floor(items: int) -> None:
+    print(f"The floor, {items:,} items each waiting at once; extra peak KiB per item, measured as above")
+    print("| what every item holds | extra peak KiB per item |")
+    print("|---|---:|")
+    for mode, label in FLOORS.items():
+        with tempfile.TemporaryDirectory() as tmp:
+            base = run("concurrent", items, True, tmp)
+            got = run(mode, items, False, tmp)
+        print(f"| {label} | **{max(0, got['rss_kib'] - base['rss_kib']) / items:.2f}** |", flush=True)
 
 
 if __name__ == "__main__":
