@@ -310,7 +310,7 @@ STEPS = (
     ("result lines parsed", "pocketbatch_openai/batch.py", "_line"),
     ("pricing", "engine/batch.py", "_priced"),
     ("journal: outcomes saved", "pocketbatch/journal.py", "save_outcomes"),
-    ("calls settled", "engine/batch.py", "_settle"),
+    ("calls settled", "engine/collector.py", "settle"),
 )
 
 
