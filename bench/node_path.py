@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 SIZES = {"concurrent": 100_000, "batch": 200_000}
 # --floor: pocketflow 0.0.3's own AsyncParallelBatchNode (no pocketbatch at all), every item waiting at
@@ -59,28 +60,34 @@ def worker(mode: str, items: int, baseline: bool) -> dict:
     if mode in FLOORS:
         return floor(mode, texts)
 
-    class Summaries(AsyncParallelBatchNode):  # the seed's node
-        async def prep_async(self, shared):
-            return shared["texts"]
+    async def summarize(node, text):  # the seed's node: its exec_async awaits call_llm_async
+        return await call_llm_async(text)
 
-        async def exec_async(self, text):
-            return await call_llm_async(text)
-
-        async def post_async(self, shared, prep_res, exec_res_list):
-            shared["results"] = exec_res_list
-
-    import asyncio
-
-    shared = {"texts": texts}
-    start = time.perf_counter()
-    asyncio.run(AsyncFlow(start=Summaries()).run_async(shared))
-    seconds = time.perf_counter() - start
-    results = shared["results"]
+    results, seconds = run_seed_node(AsyncFlow, AsyncParallelBatchNode, summarize, texts)
     assert len(results) == items and all(isinstance(r, str) for r in results)
     vias = {r.via for r in results}
     assert vias == {mode}, vias
     del pocketbatch
     return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
+
+
+def run_seed_node(flow: type, node: type, exec_async: Any, texts: list[str]) -> tuple[list, float]:
+    """The seed's flow (one AsyncParallelBatchNode over shared["texts"], of pocketbatch or of pocketflow)
+    with this exec_async: its results, and its seconds from the flow's start to its end."""
+    import asyncio
+
+    class Seed(node):
+        async def prep_async(self, shared):
+            return shared["texts"]
+
+        async def post_async(self, shared, prep_res, exec_res_list):
+            shared["results"] = exec_res_list
+
+    Seed.exec_async = exec_async
+    shared = {"texts": texts}
+    start = time.perf_counter()
+    asyncio.run(flow(start=Seed()).run_async(shared))
+    return shared["results"], time.perf_counter() - start
 
 
 def floor(mode: str, texts: list[str]) -> dict:
@@ -112,23 +119,11 @@ def floor(mode: str, texts: list[str]) -> dict:
         del request
         return response
 
-    class Floor(AsyncParallelBatchNode):
-        async def prep_async(self, shared):
-            return shared["texts"]
+    async def wait(node, text):
+        return await (answer(text) if mode == "floor-future" else like_call_llm_async(text))
 
-        async def exec_async(self, text):
-            if mode == "floor-future":
-                return await answer(text)
-            return await like_call_llm_async(text)
-
-        async def post_async(self, shared, prep_res, exec_res_list):
-            shared["results"] = exec_res_list
-
-    shared = {"texts": texts}
-    start = time.perf_counter()
-    asyncio.run(AsyncFlow(start=Floor()).run_async(shared))
-    seconds = time.perf_counter() - start
-    assert len(shared["results"]) == len(texts)
+    results, seconds = run_seed_node(AsyncFlow, AsyncParallelBatchNode, wait, texts)
+    assert len(results) == len(texts)
     return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
 
 
