@@ -94,6 +94,26 @@ async def test_batch_jobs_outlive_the_provider_object(monkeypatch):
     assert [cid async for cid, _ in again.results(job)] == ["a"]
 
 
+async def test_a_job_written_with_its_lines_inside_is_still_read(monkeypatch):
+    monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "0")
+    batch = OfflineProvider().batch
+    job = await batch.submit([("a", request("hello")), ("b", request("there"))])
+    # As an earlier pocketbatch wrote it: one .json, the request lines inside.
+    header, lines = batch.folder() / f"{job}.json", batch.folder() / f"{job}.jsonl"
+    old = json.loads(header.read_text())
+    del old["count"]
+    old["lines"] = lines.read_text().splitlines()
+    header.write_text(json.dumps(old))
+    lines.unlink()
+    assert (await batch.status(job)).counts == {"succeeded": 2}
+    replies = {cid: str(reply) async for cid, reply in batch.results(job)}
+    offline = OfflineProvider()
+    assert replies == {
+        "a": await offline.call_llm_async(request("hello")),
+        "b": await offline.call_llm_async(request("there")),
+    }
+
+
 async def test_cancel_ends_the_job_with_unfinished_lines_cancelled(monkeypatch):
     monkeypatch.setenv("POCKETBATCH_OFFLINE_BATCH_SECONDS", "60")
     batch = OfflineProvider().batch

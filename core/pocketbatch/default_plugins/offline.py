@@ -252,7 +252,14 @@ class OfflineBatch(BatchAPI):
         return path
 
     def _load(self, job_id: str) -> dict:
-        return json.loads(self._path(job_id).read_text())
+        path = self._path(job_id)
+        job = json.loads(path.read_text())
+        if "lines" in job:  # written before jobs had a .jsonl: its lines move there, once
+            lines = job.pop("lines")
+            (self.folder() / f"{job_id}.jsonl").write_text("".join(line + "\n" for line in lines))
+            job["count"] = len(lines)
+            path.write_text(json.dumps(job))
+        return job
 
     @classmethod
     def lines(cls, job_id: str) -> Iterator[dict]:
