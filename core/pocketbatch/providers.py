@@ -139,8 +139,7 @@ class LLMResponse(str):
         if not changes.keys() <= _FIELD_SET:
             unknown = ", ".join(sorted(changes.keys() - _FIELD_SET))
             raise TypeError(f"LLMResponse has no field {unknown}")
-        # The fields copied as they are, not passed through __new__ again: the batch path makes one
-        # copy for each of a job's lines (its price and via), tens of thousands of them.
+        # The fields copied as they are (the changes were checked above), not passed through __new__ again.
         copy = str.__new__(LLMResponse, text)
         for name in _RESPONSE_FIELDS:
             setattr(copy, name, changes[name] if name in changes else getattr(self, name))

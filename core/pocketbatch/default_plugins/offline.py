@@ -261,13 +261,6 @@ class OfflineBatch(BatchAPI):
             path.write_text(json.dumps(job))
         return job
 
-    @classmethod
-    def lines(cls, job_id: str) -> Iterator[dict]:
-        """The job's request lines ({"custom_id": ..., "request": {...}}), in the order submitted."""
-        with open(cls.folder() / f"{job_id}.jsonl", encoding="utf-8") as file:
-            for line in file:
-                yield json.loads(line)
-
     async def submit(self, items: list[tuple[str, LLMRequest]]) -> str:
         return self._create(items, None)
 
@@ -327,46 +320,50 @@ class OfflineBatch(BatchAPI):
         total = job["count"]
         if time.time() < self._finished_at(job):
             return BatchStatus("running", {"processing": total}, raw={"id": job_id})
-        fates, _ = self._outcomes(job)
+        fates, _, _ = self._outcomes(job)
         counts: dict[str, int] = {}
         for fate in fates:
             counts[_FATES[fate]] = counts.get(_FATES[fate], 0) + 1
         return BatchStatus("ended", counts, raw={"id": job_id})
 
-    def _outcomes(self, job: dict) -> tuple[bytes, array]:
-        """The fate of every line (an index into _FATES, by line number) and the order results come back
-        in (line numbers): a few bytes a line, where the decoded lines were a third of a KiB."""
+    def _outcomes(self, job: dict) -> tuple[bytes, array, array]:
+        """The fate of every line (an index into _FATES, by line number), where each line starts in the
+        job's file, and the order results come back in (line numbers): a few bytes a line, where the
+        decoded lines were a third of a KiB."""
         rng = random.Random(job["id"])  # the same job always ends the same way
         done_share = 1.0
         if job["cancelled"] and job["cancelled"] < job["created"] + job["seconds"]:
             done_share = max(0.0, (job["cancelled"] - job["created"]) / max(job["seconds"], 1e-9))
-        fates = bytearray()
-        for line in self.lines(job["id"]):
-            request = line["request"]
-            marked = request["options"].get("offline_error")
-            roll = rng.random()
-            if rng.random() >= done_share:
-                outcome = "canceled"
-            elif marked == "expired":
-                outcome = "expired"
-            elif _request_failure(LLMRequest(**request)) or roll < job["fail_rate"] / 2:
-                outcome = "errored"
-            elif roll < job["fail_rate"]:
-                outcome = "expired"
-            else:
-                outcome = "succeeded"
-            fates.append(_FATES.index(outcome))
+        fates, starts, at = bytearray(), array("Q"), 0
+        with open(self.folder() / f"{job['id']}.jsonl", "rb") as file:
+            for line in file:
+                starts.append(at)
+                at += len(line)
+                request = json.loads(line)["request"]
+                marked = request["options"].get("offline_error")
+                roll = rng.random()
+                if rng.random() >= done_share:
+                    outcome = "canceled"
+                elif marked == "expired":
+                    outcome = "expired"
+                elif _request_failure(LLMRequest(**request)) or roll < job["fail_rate"] / 2:
+                    outcome = "errored"
+                elif roll < job["fail_rate"]:
+                    outcome = "expired"
+                else:
+                    outcome = "succeeded"
+                fates.append(_FATES.index(outcome))
         order = array("L", range(len(fates)))
         rng.shuffle(order)  # real batch APIs return lines in any order
-        return bytes(fates), order
+        return bytes(fates), starts, order
 
     async def results(self, job_id: str) -> AsyncIterator[tuple[str, LLMResponse | LLMError]]:
         job = self._load(job_id)
         if time.time() < self._finished_at(job):
             raise RequestError(f"offline: batch job {job_id} has not ended yet", status=409)
         await asyncio.sleep(_env_number("POCKETBATCH_OFFLINE_DOWNLOAD_SECONDS", 0))
-        fates, order = self._outcomes(job)
-        for n, (index, line) in enumerate(self._read_back(job_id, order), 1):
+        fates, starts, order = self._outcomes(job)
+        for n, (index, line) in enumerate(self._read_back(job_id, starts, order), 1):
             if n % 256 == 0:
                 await asyncio.sleep(0)  # a download takes turns with the program's other tasks
             item = json.loads(line)
@@ -380,13 +377,9 @@ class OfflineBatch(BatchAPI):
                 verb = "expired before it ran" if fate == "expired" else "was cancelled before it ran"
                 yield cid, TransientError(f"offline: the batch request {verb}")
 
-    def _read_back(self, job_id: str, order: array) -> Iterator[tuple[int, bytes]]:
-        """(line number, line) of the job's request lines, in `order`."""
-        starts, at = array("Q"), 0
+    def _read_back(self, job_id: str, starts: array, order: array) -> Iterator[tuple[int, bytes]]:
+        """(line number, line) of the job's request lines, in `order`; `starts`: where each begins."""
         with open(self.folder() / f"{job_id}.jsonl", "rb") as file:
-            for line in file:  # where each line starts
-                starts.append(at)
-                at += len(line)
             for index in order:
                 file.seek(starts[index])
                 yield index, file.readline()

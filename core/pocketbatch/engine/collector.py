@@ -310,7 +310,7 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
 def _waited(look: list) -> bool:
     """Whether the process spent most of the time since the pool last looked waiting (on the network or
     the limiter), not computing. A slow call in a process that computes all the time waited in its own
-    loop's queue, and one more worker would only lengthen the queue: at 100,000 calls answered at once,
+    loop's queue, and one more worker would only lengthen the queue: at 20,000 calls answered at once,
     the pool grew to 3,000 workers that way, a third of a KiB an item. Looked at most every GROW_AFTER."""
     now, cpu = asyncio.get_running_loop().time(), time.process_time()
     if now - look[0] >= GROW_AFTER:
