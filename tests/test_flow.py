@@ -473,6 +473,37 @@ async def test_parallel_node_in_a_flow():
     assert (shared["out"], shared["log"]) == (["A", "B"], ["next"])
 
 
+async def test_one_attempt_items_run_on_their_own_copies_with_cur_retry_0():
+    async def exec_async(self, n):
+        self.mine = n
+        await asyncio.sleep(0)  # every item has set its own before any reads it back
+        return (n, self.mine, self.cur_retry)
+
+    shared: dict = {}
+    await parallel_node(range(5), exec_async).run_async(shared)
+    assert shared["out"] == [(n, n, 0) for n in range(5)]
+
+
+@pytest.mark.parametrize("where", ["class", "instance"])
+async def test_one_attempt_items_still_get_a_fallback_set_after_the_class_was_made(where):
+    async def exec_async(self, n):
+        raise Boom(f"item {n}")
+
+    async def exec_fallback_async(self, n, exc):
+        return f"fallback for {exc}"
+
+    node = parallel_node([0, 1], exec_async)
+    shared: dict = {}
+    with pytest.raises(Boom):  # the default fallback re-raises
+        await node.run_async(shared)
+    if where == "class":
+        type(node).exec_fallback_async = exec_fallback_async
+    else:
+        node.exec_fallback_async = exec_fallback_async.__get__(node)
+    await node.run_async(shared)
+    assert shared["out"] == ["fallback for item 0", "fallback for item 1"]
+
+
 async def test_fix_parallel_items_count_their_own_retries():
     # Item n fails its first n attempts; attempts interleave across items. pocketflow 0.0.3 never sets
     # cur_retry on async nodes, and its HEAD shares one counter, which sent item 3 to its fallback early.
