@@ -196,7 +196,7 @@ async def _round(requests: list, provider: Any) -> tuple[float, list]:
     start = time.perf_counter()
     calls = [Call(provider, request, "batch") for request in requests]
     await run(BatchRound.of(provider, calls), decision)
-    results = [call.future.result() for call in calls]
+    results = [call.result() for call in calls]
     return time.perf_counter() - start, results
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Union
 
 from . import structured
@@ -49,7 +50,7 @@ def build_request(
     return provider, request
 
 
-async def call_llm_async(
+def call_llm_async(
     prompt: str | list[dict],
     *,
     model: str | None = None,
@@ -58,12 +59,16 @@ async def call_llm_async(
     temperature: float | None = None,
     schema: SchemaLike | None = None,
     **options: Any,
-) -> LLMResponse:
+) -> Coroutine[Any, Any, LLMResponse]:
     """Ask a model; `model` is "provider/model", a bare name or alias, or None for POCKETBATCH_MODEL.
 
     Inside a parallel node the call joins its round, which goes concurrent or to the batch API as a whole.
     `schema` (a pydantic model class or a JSON-schema dict) asks for JSON: the response's `.parsed` is
     the validated object, and an answer that stays invalid is a SchemaError (docs/structured-output.md).
+
+    Await what it returns, or hand it to create_task or gather. It is not an `async def`: inside a
+    parallel node the call joins its round when made and what comes back is the round's future for it,
+    so a waiting item holds no coroutine of pocketbatch's (a third of a KiB each, docs/compat.md).
     """
     provider, request = build_request(
         prompt,
@@ -75,19 +80,30 @@ async def call_llm_async(
         options=options,
     )
     here = collector.current()
+    if schema is not None:
+        return _structured(provider, request, schema, here)
+    if here is None:
+        return concurrent.call(provider, request)
+    return here[0].submit(here[1], provider, request)
+
+
+# What asyncio.iscoroutinefunction looks for, and on Python 3.12+ inspect.iscoroutinefunction too: code
+# that decides from it whether to await a callable awaits call_llm_async.
+call_llm_async._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+if hasattr(inspect, "markcoroutinefunction"):
+    inspect.markcoroutinefunction(call_llm_async)
+
+
+async def _structured(
+    provider: Provider,
+    request: LLMRequest,
+    schema: SchemaLike,
+    here: tuple[collector.Round, int] | None,
+) -> LLMResponse:
     if here is None:
         response = await concurrent.call(provider, request)
     else:
-        # The round's future awaited here, not through another coroutine: at 100,000 waiting items
-        # each frame less is memory and garbage-collector work less.
-        call = here[0].submit(here[1], provider, request)
-        try:
-            response = await call.future
-        except asyncio.CancelledError:
-            call.settle(asyncio.CancelledError())  # a cancelled item stops counting as waiting
-            raise
-    if schema is None:
-        return response
+        response = await here[0].submit(here[1], provider, request)
     return await structured.settle(
         provider, request, compile_schema(schema), response, _reasker(here, provider)
     )
@@ -96,13 +112,12 @@ async def call_llm_async(
 def _reasker(
     here: tuple[collector.Round, int] | None, provider: Provider
 ) -> Callable[[LLMRequest], Awaitable[LLMResponse]]:
-    """How a schema re-ask is sent: never as a batch job, since one item is waiting on it. (A function of
-    its own: a closure inside call_llm_async would cost every call its cells, schema or not.)"""
+    """How a schema re-ask is sent: never as a batch job, since one item is waiting on it."""
 
     async def reask(again: LLMRequest) -> LLMResponse:
         if here is None:
             return await concurrent.call(provider, again)
-        return await here[0].call(here[1], provider, again, mode="concurrent")
+        return await here[0].submit(here[1], provider, again, mode="concurrent")
 
     return reask
 
@@ -118,16 +133,19 @@ def call_llm(
     **options: Any,
 ) -> LLMResponse:
     """The sync twin of call_llm_async, for sync nodes (also inside an AsyncFlow's running loop)."""
-    coro = call_llm_async(
-        prompt,
-        model=model,
-        system=system,
-        max_tokens=max_tokens,
-        temperature=temperature,
-        schema=schema,
-        **options,
-    )
-    return asyncio.run_coroutine_threadsafe(coro, _sync_loop()).result()
+
+    async def ask() -> LLMResponse:  # made in the sync loop's thread, outside any round of this one
+        return await call_llm_async(
+            prompt,
+            model=model,
+            system=system,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            schema=schema,
+            **options,
+        )
+
+    return asyncio.run_coroutine_threadsafe(ask(), _sync_loop()).result()
 
 
 _loop: asyncio.AbstractEventLoop | None = None

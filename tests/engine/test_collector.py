@@ -1,7 +1,9 @@
 """Rounds: the calls of a parallel node's items go out together, concurrent or as batch jobs."""
 
 import asyncio
+import inspect
 import json
+import sys
 import time
 
 import pytest
@@ -238,6 +240,45 @@ async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, 
         await task
     await asyncio.sleep(0.01)
     assert len(cancelled) == 5  # no call left running after its node was cancelled
+
+
+async def test_an_items_calls_may_be_made_tasks_gathered_or_waited_for():
+    """What call_llm_async returns is awaited, made a task or gathered, as a coroutine would be."""
+
+    class Fanout(Ask):
+        async def exec_async(self, i):
+            first = asyncio.create_task(call_llm_async(f"say {i}a"))
+            second, third = await asyncio.gather(
+                call_llm_async(f"say {i}b"), asyncio.wait_for(call_llm_async(f"say {i}c"), 10)
+            )
+            return [await first, second, third]
+
+    out = await run(Fanout(), list(range(20)))
+    assert [[reply.split("say ")[1][:3].strip() for reply in replies] for replies in out] == [
+        [f"{i}a", f"{i}b", f"{i}c"] for i in range(20)
+    ]
+
+
+async def test_a_call_cancelled_by_its_item_stops_counting_in_its_round():
+    class ChangeOfMind(Ask):
+        async def exec_async(self, i):
+            doomed = asyncio.create_task(call_llm_async(f"never {i}"))
+            await asyncio.sleep(0)
+            doomed.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await doomed
+            return await call_llm_async(f"say {i}")
+
+    out = await asyncio.wait_for(run(ChangeOfMind(), list(range(20))), 30)
+    assert [f"say {i}" in reply for i, reply in enumerate(out)] == [True] * 20
+
+
+def test_call_llm_async_counts_as_a_coroutine_function():
+    """Code that checks before it awaits (asyncio's check; inspect's too on Python 3.12+) awaits it."""
+    if sys.version_info < (3, 14):  # asyncio.iscoroutinefunction is deprecated from 3.14
+        assert asyncio.iscoroutinefunction(call_llm_async)
+    if sys.version_info >= (3, 12):
+        assert inspect.iscoroutinefunction(call_llm_async)
 
 
 class AwaitEachOther(Ask):

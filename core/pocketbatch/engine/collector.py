@@ -14,12 +14,13 @@ no answer) for POCKETBATCH_ROUND_TIMEOUT seconds flushes what it holds, and the 
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 from ..config import settings
@@ -36,26 +37,40 @@ MAX_WORKERS = 4096
 GROW_AFTER = 0.02
 BUSY = 0.5  # of the time since the pool last looked, spent on the CPU: the loop is the bottleneck
 
-# (round, item key) of the item the running task belongs to; None outside parallel nodes.
-_current: ContextVar[tuple[Round, int] | None] = ContextVar("pocketbatch_round", default=None)
+# The round of the item the running task belongs to (None outside parallel nodes), and the item's key:
+# two variables, as a (round, key) tuple in one was 58 bytes more for each waiting item.
+_round: ContextVar[Round | None] = ContextVar("pocketbatch_round", default=None)
+_item: ContextVar[int] = ContextVar("pocketbatch_item", default=0)
 
 
-@dataclass(eq=False, slots=True)
-class Call:
-    """One request waiting for its answer, and the rounds (with their item) that count it as outstanding."""
+class Call(asyncio.Future):
+    """One request of a round, and its answer: the call is the future its item awaits (call_llm_async
+    returns it), so a waiting item holds no coroutine of pocketbatch's, only this. It also keeps the
+    rounds (with their item) that count it as outstanding.
 
-    provider: Provider
-    request: LLMRequest
-    mode: str | None
-    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    # The round that counts it as outstanding, with its item's key, in fields rather than a list of
-    # pairs (at 100,000 waiting calls, the list and its tuple were an eighth of a KiB each); `outer`
-    # holds the enclosing rounds a nested round handed it up to.
-    round: Round | None = None
-    key: int = 0
-    outer: list[tuple[Round, int]] | None = None
-    note: str | None = None  # why it left its round early (the round timed out); on the decision line
-    work: _Work | None = None  # the task sending it, once its round was dispatched
+    Cancelling it (the task of the item awaiting it cancels what it awaits) stops it counting. It answers
+    the coroutine protocol too, so `asyncio.create_task(call_llm_async(...))` works as with a coroutine.
+    """
+
+    __slots__ = ("key", "mode", "note", "outer", "provider", "request", "round", "work")
+
+    def __init__(
+        self,
+        provider: Provider,
+        request: LLMRequest,
+        mode: str | None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(loop=loop or asyncio.get_running_loop())
+        self.provider, self.request, self.mode = provider, request, mode
+        # The round that counts it as outstanding, with its item's key, in fields rather than a list of
+        # pairs (at 100,000 waiting calls, the list and its tuple were an eighth of a KiB each); `outer`
+        # holds the enclosing rounds a nested round handed it up to.
+        self.round: Round | None = None
+        self.key = 0
+        self.outer: list[tuple[Round, int]] | None = None
+        self.note: str | None = None  # why it left its round early (it timed out); on the decision line
+        self.work: _Work | None = None  # the task sending it, once its round was dispatched
 
     def held_by(self, round_: Round, key: int) -> None:
         if self.round is None:
@@ -66,6 +81,26 @@ class Call:
             self.outer.append((round_, key))
 
     def settle(self, outcome: LLMResponse | BaseException) -> None:
+        self._counted_out()
+        if self.done():
+            return
+        if isinstance(outcome, asyncio.CancelledError):
+            self.cancel()
+        elif isinstance(outcome, BaseException):
+            self.set_exception(outcome)
+        else:
+            self.set_result(outcome)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        self._counted_out()  # a cancelled item stops counting as waiting
+        if self.work is not None:
+            self.work.cancelled_one()
+            self.work = None
+        return True
+
+    def _counted_out(self) -> None:
         # Counts drop before any waiting item resumes, so the items of a finished batch job all count as
         # running again at once, and their next calls gather into one round instead of one each.
         if self.round is not None:
@@ -74,25 +109,30 @@ class Call:
             for round_, key in self.outer or ():
                 round_.answered(key)
             self.outer = None
-        if isinstance(outcome, asyncio.CancelledError) and self.work is not None:
-            self.work.cancelled_one()
-            self.work = None
-        if self.future.done():
-            return
-        if isinstance(outcome, asyncio.CancelledError):
-            self.future.cancel()
-        elif isinstance(outcome, BaseException):
-            self.future.set_exception(outcome)
-        else:
-            self.future.set_result(outcome)
 
+    # The coroutine protocol, for create_task and TaskGroup (they take coroutines, not futures): the
+    # task waits on the call, as `await call` would.
+    def send(self, value: None) -> Call:
+        if not self.done():
+            self._asyncio_future_blocking = True
+            return self
+        raise StopIteration(self.result())
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Call:
+        raise typ if val is None else val
+
+    def close(self) -> None:
+        pass
+
+
+collections.abc.Coroutine.register(Call)
 
 Dispatch = Callable[[list[Call]], None]
 
 
 class Round:
     def __init__(self, size: int, live: int, mode: str | None, dispatch: Dispatch) -> None:
-        self.parent = _current.get()
+        self.parent = current()
         self.mode = mode
         self.live = live  # items started (or about to start at once) and not finished
         # Each item's calls not answered yet, by its key (0 to size - 1): a list, 8 bytes an item where a
@@ -112,12 +152,13 @@ class Round:
     def start(self, key: int, work: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         """Run one item as a task whose calls join this round (a done callback must call `finished`)."""
         # The task copies the context it is created in: the item's own, with no wrapping coroutine.
-        token = _current.set((self, key))
+        round_token, item_token = _round.set(self), _item.set(key)
         try:
             # One name for all (asyncio's own, "Task-<n>", is a string made for each: 58 bytes an item).
             return self._loop.create_task(work, name="pocketbatch item")
         finally:
-            _current.reset(token)
+            _item.reset(item_token)
+            _round.reset(round_token)
 
     def finished(self, key: int) -> None:
         self.live -= 1
@@ -130,21 +171,10 @@ class Round:
     def submit(self, key: int, provider: Provider, request: LLMRequest, mode: str | None = None) -> Call:
         """Hold one of the item's calls in the round; its future is the answer. `mode` overrides the
         round's (schema re-asks go "concurrent" while still counting as the item's outstanding call).
-        Whoever awaits the future settles the call as cancelled if cancelled (see `call`)."""
-        call = Call(provider, request, mode or self.mode, self._loop.create_future())
+        Cancelling the call (as the task of a cancelled item does) takes it out of the counts."""
+        call = Call(provider, request, mode or self.mode, self._loop)
         self.take(key, [call])
         return call
-
-    async def call(
-        self, key: int, provider: Provider, request: LLMRequest, mode: str | None = None
-    ) -> LLMResponse:
-        """The answer to one of the item's calls."""
-        call = self.submit(key, provider, request, mode)
-        try:
-            return await call.future
-        except asyncio.CancelledError:
-            call.settle(asyncio.CancelledError())  # a cancelled item stops counting as waiting
-            raise
 
     def take(self, key: int, calls: list[Call]) -> None:
         """Count calls as the item's outstanding ones and hold them until the round is ready."""
@@ -211,7 +241,9 @@ class Round:
 
 
 def current() -> tuple[Round, int] | None:
-    return _current.get()
+    """(round, item key) of the item the running task belongs to; None outside parallel nodes."""
+    round_ = _round.get()
+    return None if round_ is None else (round_, _item.get())
 
 
 def dispatch(calls: list[Call]) -> None:
@@ -255,6 +287,10 @@ async def _decide_and_run(group: list[Call]) -> None:
         # Hashing every request is only worth it for the batch path or a journal that may know the round.
         batch_round = batch.BatchRound.of(provider, group)
         if decision.mode == "batch" or batch_round.known():
+            # The batch round answers every call from here, whatever happens (batch.run). Let go of the
+            # group, so that a call answered for good is freed with its request while the rest wait.
+            del requests
+            group.clear()
             await batch.run(batch_round, decision)
             return
     events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
@@ -286,7 +322,7 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
 
     async def worker() -> None:
         for call in queue:  # one shared iterator: each worker takes the next call
-            if call.future.done():  # its item was cancelled meanwhile
+            if call.done():  # its item was cancelled meanwhile
                 continue
             began = clock()
             try:
