@@ -16,11 +16,12 @@ import json
 import logging
 import random
 import time
+from array import array
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import journal as journals
 from ..config import settings
@@ -52,29 +53,40 @@ ENVELOPE_BYTES = 200  # custom_id, method, url and JSON punctuation around each 
 
 def custom_ids(requests: list[LLMRequest]) -> list[str]:
     """Ids from each request's content (the same round gets the same ids in any order), unique per round."""
-    return _ids(map(_canonical, requests))
+    return list(by_custom_id(map(_canonical, requests), requests))
 
 
-def _ids(canonical: Iterable[str]) -> list[str]:
-    """`pb-<digest>-<n>`: the n-th request of the round with that content. Counted only for contents seen
-    twice; the others are told apart by a set of their ids, which exist anyway."""
-    ids: list[str] = []
-    firsts: set[str] = set()
+V = TypeVar("V")
+
+
+def by_custom_id(canonical: Iterable[str], values: Iterable[V]) -> dict[str, V]:
+    """Each value by its custom id, `pb-<digest>-<n>`: the n-th request of the round with that content (the
+    canonical JSON of the request it stands for). Counted only for contents seen twice; the others are
+    told apart by the dict itself."""
+    out: dict[str, V] = {}
     again: dict[str, int] = {}
-    for text in canonical:
+    for text, value in zip(canonical, values, strict=True):
         digest = hashlib.sha256(text.encode()).hexdigest()[:24]
         cid = f"pb-{digest}-0"
-        if cid in firsts:
+        if cid in out:
             n = again[digest] = again.get(digest, 0) + 1
             cid = f"pb-{digest}-{n}"
-        else:
-            firsts.add(cid)
-        ids.append(cid)
-    return ids
+        out[cid] = value
+    return out
 
 
-def round_key(provider: Provider, model: str, ids: list[str]) -> str:
-    return hashlib.sha256(json.dumps([provider.name, model, sorted(ids)]).encode()).hexdigest()[:32]
+def round_key(provider: Provider, model: str, ids: Iterable[str]) -> str:
+    """The digest of `json.dumps([provider, model, sorted(ids)])`, fed in pieces: at 200,000 ids the JSON
+    and its bytes were two strings of 6 MB at the batch path's peak of memory. (Custom ids need no JSON
+    escaping; the journal knows rounds by this key, so it must not change.)"""
+    digest = hashlib.sha256(f"[{json.dumps(provider.name)}, {json.dumps(model)}, [".encode())
+    ordered = sorted(ids)
+    for start in range(0, len(ordered), 4096):
+        digest.update(", ".join(f'"{cid}"' for cid in ordered[start : start + 4096]).encode())
+        if start + 4096 < len(ordered):
+            digest.update(b", ")
+    digest.update(b"]]")
+    return digest.hexdigest()[:32]
 
 
 def chunk_tag(round: str, ids: list[str]) -> str:
@@ -126,27 +138,27 @@ def may_know_rounds(provider: str, model: str) -> bool:
     return settings().reuse and journal is not None and journal.has_jobs(provider, model)
 
 
-def chunks(
-    provider: Provider,
-    items: list[tuple[str, LLMRequest]],
-    sizes: dict[str, int] | None = None,
-) -> list[list[tuple[str, LLMRequest]]]:
-    """Split over max_requests and max_bytes by an estimate with a margin; submit checks the exact size.
+def chunks(provider: Provider, items: list[tuple[str, LLMRequest]]) -> list[list[tuple[str, LLMRequest]]]:
+    """The (custom_id, request) pairs split over the provider's limits (split_ids)."""
+    requests = dict(items)
+    sized = ((cid, len(_canonical(request))) for cid, request in items)
+    return [[(cid, requests[cid]) for cid in ids] for ids in split_ids(provider, sized)]
 
-    `sizes` (custom_id -> length of the request's canonical JSON) saves encoding each request again.
-    """
+
+def split_ids(provider: Provider, sized: Iterable[tuple[str, int]]) -> list[list[str]]:
+    """Custom ids, with the length of each one's canonical JSON, split over max_requests and max_bytes by
+    an estimate with a margin; submit checks the exact size."""
     api = provider.batch
     assert api is not None
     budget = api.max_bytes * 0.9
-    out: list[list[tuple[str, LLMRequest]]] = []
+    out: list[list[str]] = []
     size = 0.0
-    for item in items:
-        known = sizes.get(item[0]) if sizes is not None else None
-        estimate = (len(_canonical(item[1])) if known is None else known) + ENVELOPE_BYTES
+    for cid, length in sized:
+        estimate = length + ENVELOPE_BYTES
         if not out or len(out[-1]) >= api.max_requests or size + estimate > budget:
             out.append([])
             size = 0.0
-        out[-1].append(item)
+        out[-1].append(cid)
         size += estimate
     return out
 
@@ -168,11 +180,13 @@ class BatchRound:
         model: str,
         calls: dict[str, Call],
         key: str,
-        sizes: dict[str, int] | None = None,
+        sizes: array | None = None,
     ) -> None:
         self.provider, self.api, self.model = provider, provider.batch, model
         self.calls, self.key = calls, key  # by custom_id
-        self.sizes = sizes  # custom_id -> canonical JSON length, for chunks()
+        # The length of each call's canonical JSON, in the order of `calls`, for split_ids: in an array,
+        # 4 bytes a call where a dict by custom id (with an int each) was 70.
+        self.sizes = sizes
         # model -> (provider.price(model), provider.cache_price(model))
         self._prices: dict[str, tuple[tuple[float, float] | None, CachePrice | None]] = {}
         self.journal = journals.journal()
@@ -186,7 +200,7 @@ class BatchRound:
     @classmethod
     def _of(cls, provider: Provider, calls: list[Call]) -> BatchRound:
         model = calls[0].request.model
-        lengths: list[int] = []
+        lengths = array("I")
 
         def canonical() -> Iterator[str]:
             # Measured and hashed as each is made, not held: at 200,000 requests the texts were a
@@ -196,10 +210,8 @@ class BatchRound:
                 lengths.append(len(text))
                 yield text
 
-        ids = _ids(canonical())
-        sizes = dict(zip(ids, lengths, strict=True))
-        key = round_key(provider, model, ids)
-        return cls(provider, model, dict(zip(ids, calls, strict=True)), key, sizes)
+        by_id = by_custom_id(canonical(), calls)
+        return cls(provider, model, by_id, round_key(provider, model, by_id), lengths)
 
     def known(self) -> bool:
         """True when the journal has this round: it goes back to its jobs, whatever the choice says."""
@@ -235,14 +247,15 @@ class BatchRound:
             earlier = []
             for sub in self._submissions():
                 if taken.isdisjoint(sub.custom_ids) and all(cid in self.calls for cid in sub.custom_ids):
-                    earlier.append(([(cid, self.calls[cid].request) for cid in sub.custom_ids], sub))
+                    earlier.append((sub.custom_ids, sub))
                     taken.update(sub.custom_ids)
                 else:  # answered meanwhile, or not this round's requests any more
                     self.journal.end_submission(self.key, sub.tag)
-            fresh = [(cid, c.request) for cid, c in self.calls.items() if cid not in taken]
-            planned = earlier + [(c, None) for c in chunks(self.provider, fresh, self.sizes)]
+            sizes = self.sizes or [len(_canonical(c.request)) for c in self.calls.values()]
             self.sizes = None  # read once, here
-            submitted = await asyncio.gather(*(self._submit(c, sub) for c, sub in planned))
+            fresh = ((cid, n) for cid, n in zip(self.calls, sizes, strict=True) if cid not in taken)
+            planned = earlier + [(ids, None) for ids in split_ids(self.provider, fresh)]
+            submitted = await asyncio.gather(*(self._submit(ids, sub) for ids, sub in planned))
         return submitted, attached
 
     @asynccontextmanager
@@ -296,10 +309,10 @@ class BatchRound:
         return self.journal.submissions(self.key)
 
     async def _submit(
-        self, chunk: list[tuple[str, LLMRequest]], earlier: journals.Submission | None = None
+        self, ids: list[str], earlier: journals.Submission | None = None
     ) -> tuple[list[tuple[str, list[str], float]], list[str]]:
-        """Submit a chunk as one job (two halves when the provider says it is too large): the jobs
-        submitted, as (job_id, custom_ids, submitted_at), and the ids of requests to run concurrently.
+        """Submit a chunk (these calls) as one job (two halves when the provider says it is too large): the
+        jobs submitted, as (job_id, custom_ids, submitted_at), and the ids of requests to run concurrently.
 
         No double submission: the chunk's "submitting" row is written before the create call and
         replaced by the job in one transaction after it. Before the create call is made again (a retry
@@ -307,7 +320,8 @@ class BatchRound:
         for a job with the chunk's tag or requests (`BatchAPI.find`)."""
         assert self.api is not None
         api = self.api
-        ids = [cid for cid, _ in chunk]
+        # Paired with their requests only while the chunk is being submitted (a tuple each, 72 bytes).
+        chunk = [(cid, self.calls[cid].request) for cid in ids]
         tag = chunk_tag(self.key, ids)
         since = earlier.started_at if earlier is not None else time.time()
         if self.journal is not None:
@@ -344,11 +358,9 @@ class BatchRound:
             # Refused with an answer (a status), or before anything was sent: no job was created.
             if self.journal is not None:
                 self.journal.end_submission(self.key, tag)
-            if e.status == 413 and len(chunk) > 1:  # over the provider's exact limit: halve and try again
-                half = len(chunk) // 2
-                (a, ra), (b, rb) = await asyncio.gather(
-                    self._submit(chunk[:half]), self._submit(chunk[half:])
-                )
+            if e.status == 413 and len(ids) > 1:  # over the provider's exact limit: halve and try again
+                half = len(ids) // 2
+                (a, ra), (b, rb) = await asyncio.gather(self._submit(ids[:half]), self._submit(ids[half:]))
                 return a + b, ra + rb
             log.warning(
                 "batch job of %d requests was rejected (%s); running them concurrently", len(chunk), e
@@ -406,7 +418,7 @@ class BatchRound:
         try:
             status = await self._wait_ended(job_id, submitted_at)
             if status is None:  # the job failed at the provider: run its requests concurrently
-                retry = [cid for cid in ids if not self.calls[cid].future.done()]
+                retry = [cid for cid in ids if cid in self.calls and not self.calls[cid].done()]
             else:
                 self._state(job_id, "ended", status.counts)
                 retry = await self._collect(job_id, ids)
@@ -496,7 +508,7 @@ class BatchRound:
         read, calls, told = 0, self.calls, events.listening()
         async for cid, outcome in self.api.results(job_id):
             call = calls.get(cid)
-            if call is None or cid in final:
+            if call is None:
                 continue  # not this round's, or settled by an earlier read
             if isinstance(outcome, LLMResponse):
                 outcome = final[cid] = self._priced(outcome)
@@ -507,6 +519,9 @@ class BatchRound:
             if told:
                 self._tell(outcome)
             call.settle(outcome)
+            # The round forgets a call answered for good: its item has the answer, and the call with its
+            # request (0.6 KiB) is freed for the results still to come, not kept until the round ends.
+            del calls[cid]
             read += 1
             if read % SETTLE_EVERY == 0:
                 await asyncio.sleep(0)
@@ -536,7 +551,7 @@ class BatchRound:
     async def _concurrently(self, ids: list[str]) -> None:
         async def one(cid: str) -> None:
             call = self.calls[cid]
-            if call.future.done():
+            if call.done():
                 return
             try:
                 outcome: LLMResponse | BaseException = await concurrent.call(self.provider, call.request)
