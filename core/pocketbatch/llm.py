@@ -133,19 +133,20 @@ def call_llm(
     **options: Any,
 ) -> LLMResponse:
     """The sync twin of call_llm_async, for sync nodes (also inside an AsyncFlow's running loop)."""
-
-    async def ask() -> LLMResponse:  # made in the sync loop's thread, outside any round of this one
-        return await call_llm_async(
-            prompt,
-            model=model,
-            system=system,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            schema=schema,
-            **options,
-        )
-
-    return asyncio.run_coroutine_threadsafe(ask(), _sync_loop()).result()
+    # Made and run in this context less its round: a sync node in a parallel flow's branch runs in the
+    # branch's task, whose round belongs to another loop than the one that sends this call.
+    here = collector.outside_rounds()
+    coro = here.run(
+        call_llm_async,
+        prompt,
+        model=model,
+        system=system,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        schema=schema,
+        **options,
+    )
+    return here.run(asyncio.run_coroutine_threadsafe, coro, _sync_loop()).result()
 
 
 _loop: asyncio.AbstractEventLoop | None = None

@@ -8,7 +8,15 @@ import time
 
 import pytest
 
-from pocketbatch import AsyncFlow, AsyncNode, AsyncParallelBatchFlow, AsyncParallelBatchNode, call_llm_async
+from pocketbatch import (
+    AsyncFlow,
+    AsyncNode,
+    AsyncParallelBatchFlow,
+    AsyncParallelBatchNode,
+    Node,
+    call_llm,
+    call_llm_async,
+)
 from pocketbatch.default_plugins.offline import OfflineBatch, OfflineProvider
 from pocketbatch.testing import FakeProvider
 
@@ -196,6 +204,26 @@ async def test_outside_parallel_nodes_calls_go_straight_to_the_concurrent_path()
     shared = {}
     await AsyncFlow(start=One()).run_async(shared)
     assert shared["out"].via == "concurrent"
+
+
+async def test_a_sync_node_in_a_parallel_flows_branches_calls_outside_the_round():
+    """call_llm never joins a round, even from a branch's task (whose round lives in another loop)."""
+
+    class Say(Node):
+        def exec(self, _):
+            return call_llm(f"say {self.params['n']}")
+
+        def post(self, shared, prep_res, exec_res):
+            shared.setdefault("out", {})[self.params["n"]] = exec_res
+
+    class Branches(AsyncParallelBatchFlow):
+        async def prep_async(self, shared):
+            return [{"n": n} for n in range(12)]  # enough for a batch round, were they to join one
+
+    shared = {}
+    await Branches(start=Say(), mode="batch").run_async(shared)
+    assert [f"say {n}" in shared["out"][n] for n in range(12)] == [True] * 12
+    assert {reply.via for reply in shared["out"].values()} == {"concurrent"}
 
 
 async def test_batch_mode_without_a_batch_api_warns_and_runs_concurrently(register_provider, caplog):

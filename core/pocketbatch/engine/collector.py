@@ -246,6 +246,13 @@ def current() -> tuple[Round, int] | None:
     return None if round_ is None else (round_, _item.get())
 
 
+def outside_rounds() -> contextvars.Context:
+    """A copy of the running context without its round, for a call that must not join it."""
+    context = contextvars.copy_context()
+    context.run(_round.set, None)
+    return context
+
+
 def dispatch(calls: list[Call]) -> None:
     """Send a flushed round on its way: one task per (provider, model, mode) group."""
     groups: dict[tuple[str, str, str | None], list[Call]] = {}
