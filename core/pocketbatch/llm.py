@@ -89,8 +89,9 @@ def call_llm_async(
 
 # What asyncio.iscoroutinefunction looks for, and on Python 3.12+ inspect.iscoroutinefunction too: code
 # that decides from it whether to await a callable awaits call_llm_async.
-call_llm_async._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
-if hasattr(inspect, "markcoroutinefunction"):
+if hasattr(asyncio.coroutines, "_is_coroutine"):  # gone with asyncio.iscoroutinefunction, in time
+    call_llm_async._is_coroutine = asyncio.coroutines._is_coroutine  # type: ignore[attr-defined]
+if hasattr(inspect, "markcoroutinefunction"):  # Python 3.12+
     inspect.markcoroutinefunction(call_llm_async)
 
 
