@@ -5,7 +5,7 @@ a fresh process.
     .venv/bin/python bench/node_path.py                                  # both modes, the issue's sizes
     .venv/bin/python bench/node_path.py --mode concurrent --items 100000
     .venv/bin/python bench/node_path.py --mode batch --items 1000000     # a million-item batch round
-    .venv/bin/python bench/node_path.py --floor                          # what any such node holds
+    .venv/bin/python bench/node_path.py --floor                          # pocketflow's own node, waiting
 
 Time: from the flow's start to its end, per item (the offline provider's own work included: for a batch
 round it writes and reads its job files). Memory: the process's peak RSS less that of a baseline process
@@ -28,7 +28,8 @@ from typing import Any
 
 SIZES = {"concurrent": 100_000, "batch": 200_000}
 # --floor: pocketflow 0.0.3's own AsyncParallelBatchNode (no pocketbatch at all), every item waiting at
-# once, as a round's items do; each row adds what the public API makes every call hold.
+# once, as a round's items do; each row adds what an item would hold if call_llm_async were a coroutine
+# that makes its request (before issue 14's fifth round it was).
 FLOORS = {
     "floor-future": "pocketflow's node, each item awaiting a future",
     "floor-coroutine": "+ a coroutine with call_llm_async's signature around it",
