@@ -68,7 +68,7 @@ def call_llm_async(
 
     Await what it returns, or hand it to create_task or gather. It is not an `async def`: inside a
     parallel node the call joins its round when made and what comes back is the round's future for it,
-    so a waiting item holds no coroutine of pocketbatch's (a third of a KiB each, docs/compat.md).
+    so a waiting item holds no coroutine of pocketbatch's (a third of a KiB each, docs/parallel.md).
     """
     provider, request = build_request(
         prompt,
@@ -80,11 +80,13 @@ def call_llm_async(
         options=options,
     )
     here = collector.current()
-    if schema is not None:
-        return _structured(provider, request, schema, here)
     if here is None:
-        return concurrent.call(provider, request)
-    return here[0].submit(here[1], provider, request)
+        answer = concurrent.call(provider, request)
+    else:
+        answer = here[0].submit(here[1], provider, request)
+    if schema is None:
+        return answer
+    return _structured(provider, request, schema, here, answer)
 
 
 # What asyncio.iscoroutinefunction looks for, and on Python 3.12+ inspect.iscoroutinefunction too: code
@@ -100,11 +102,9 @@ async def _structured(
     request: LLMRequest,
     schema: SchemaLike,
     here: tuple[collector.Round, int] | None,
+    answer: Awaitable[LLMResponse],
 ) -> LLMResponse:
-    if here is None:
-        response = await concurrent.call(provider, request)
-    else:
-        response = await here[0].submit(here[1], provider, request)
+    response = await answer
     return await structured.settle(
         provider, request, compile_schema(schema), response, _reasker(here, provider)
     )
