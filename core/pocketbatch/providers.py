@@ -67,7 +67,7 @@ class LLMRequest:
                 "prompt must be a str or a list of chat messages like "
                 f'[{{"role": "user", "content": "..."}}], not {type(prompt).__name__}'
             )
-        return cls(messages=messages, model=model, **fields)
+        return cls(messages, model, **fields)  # positionally: keywords made this call twice as slow
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,14 @@ class Call(asyncio.Future):
     """
 
     __slots__ = ("key", "mode", "note", "outer", "provider", "request", "round", "work")
+    key: int
+    mode: str | None
+    note: str | None
+    outer: list[tuple[Round, int]] | None
+    provider: Provider
+    request: LLMRequest
+    round: Round | None
+    work: _Work | None
 
     def __init__(
         self,
@@ -65,12 +73,10 @@ class Call(asyncio.Future):
         self.provider, self.request, self.mode = provider, request, mode
         # The round that counts it as outstanding, with its item's key, in fields rather than a list of
         # pairs (at 100,000 waiting calls, the list and its tuple were an eighth of a KiB each); `outer`
-        # holds the enclosing rounds a nested round handed it up to.
-        self.round: Round | None = None
+        # holds the enclosing rounds a nested round handed it up to. `note`: why it left its round early
+        # (it timed out), for the decision line; `work`: the task sending it, once its round was sent.
+        self.round = self.outer = self.note = self.work = None
         self.key = 0
-        self.outer: list[tuple[Round, int]] | None = None
-        self.note: str | None = None  # why it left its round early (it timed out); on the decision line
-        self.work: _Work | None = None  # the task sending it, once its round was dispatched
 
     def held_by(self, round_: Round, key: int) -> None:
         if self.round is None:
