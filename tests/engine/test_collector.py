@@ -1,6 +1,7 @@
 """Rounds: the calls of a parallel node's items go out together, concurrent or as batch jobs."""
 
 import asyncio
+import gc
 import inspect
 import json
 import sys
@@ -18,7 +19,8 @@ from pocketbatch import (
     call_llm_async,
 )
 from pocketbatch.default_plugins.offline import OfflineBatch, OfflineProvider
-from pocketbatch.testing import FakeProvider
+from pocketbatch.engine.collector import Call
+from pocketbatch.testing import FakeProvider, ask_each
 
 
 @pytest.fixture(autouse=True)
@@ -268,6 +270,30 @@ async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, 
         await task
     await asyncio.sleep(0.01)
     assert len(cancelled) == 5  # no call left running after its node was cancelled
+
+
+async def test_a_concurrent_round_lets_go_of_each_call_once_answered(register_provider, pocketbatch_env):
+    """An answered item's call (and its request) is freed while the rest of its round is still sent."""
+    pocketbatch_env(POCKETBATCH_HELD_RPM=0, POCKETBATCH_HELD_TPM=0)
+    sent, later = [], asyncio.Event()
+
+    class Held(FakeProvider):
+        async def call_llm_async(self, request):
+            sent.append(request.messages[0]["content"])
+            if len(sent) > 600:
+                await later.wait()
+            return await super().call_llm_async(request)
+
+    register_provider(Held("held"))
+    round_ = asyncio.ensure_future(ask_each([f"say {i}" for i in range(1_000)], model="held/m"))
+    while len(sent) <= 600:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)  # the 600 answered items resume and finish
+    gc.collect()
+    alive = sum(isinstance(o, Call) for o in gc.get_objects())
+    later.set()
+    assert await round_ == [f"reply to say {i}" for i in range(1_000)]
+    assert alive == 400  # the calls of the items still waiting, and no more
 
 
 async def test_an_items_calls_may_be_made_tasks_gathered_or_waited_for():

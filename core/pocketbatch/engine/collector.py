@@ -273,7 +273,8 @@ async def _run_group(group: list[Call]) -> None:
         await _decide_and_run(group)
     except Exception as e:  # a ConfigError before any call, or a bug: every item still gets its answer
         for call in group:
-            call.settle(e)
+            if call is not None:  # None: taken by a worker, which answers it
+                call.settle(e)
 
 
 async def _decide_and_run(group: list[Call]) -> None:
@@ -309,7 +310,7 @@ async def _decide_and_run(group: list[Call]) -> None:
     events.emit(events.DECIDED, provider.name, requests[0].model, decision=decision)
     asked_for_batch = (group[0].mode or settings().mode) == "batch"
     log.log(logging.WARNING if asked_for_batch else logging.INFO, "%s", decision.reason)
-
+    del requests  # the workers let go of each call once taken (_concurrently)
     await _concurrently(provider, group, limiter)
 
 
@@ -327,14 +328,17 @@ async def _concurrently(provider: Provider, group: list[Call], limiter) -> None:
 
     rate_workers = int(min(limiter.rpm, MAX_WORKERS * 6) / 6)
     most = min(len(group), max(concurrent.DEFAULT_WORKERS, rate_workers))
-    queue = iter(group)
+    queue = iter(range(len(group)))
     sender = concurrent.Sender(provider, group[0].request.model)
     clock = asyncio.get_running_loop().time
     workers: list[asyncio.Future] = []
     look = [clock(), time.process_time(), True]  # loop and CPU time when the pool last looked; its answer
 
     async def worker() -> None:
-        for call in queue:  # one shared iterator: each worker takes the next call
+        for at in queue:  # one shared iterator: each worker takes the next call
+            # The group lets go of a call once it is taken: an answered item's call and request are freed
+            # while the rest of the round is sent (under a rate limit, while its next calls wait).
+            call, group[at] = group[at], None
             if call.done():  # its item was cancelled meanwhile
                 continue
             began = clock()
