@@ -272,6 +272,30 @@ async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, 
     assert len(cancelled) == 5  # no call left running after its node was cancelled
 
 
+async def test_calls_of_items_cancelled_before_their_round_was_sent_are_never_sent(
+    register_provider, pocketbatch_env
+):
+    fake = register_provider(FakeProvider("held", batch=True))
+    never = asyncio.Event()
+
+    class OneStraggler(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return range(20)
+
+        async def exec_async(self, i):
+            if i == 0:
+                await never.wait()  # the round waits for this item, which never calls
+            return await call_llm_async(f"say {i}", model="held/m")
+
+    node = asyncio.ensure_future(AsyncFlow(start=OneStraggler(mode="batch")).run_async({}))
+    await asyncio.sleep(0.05)  # 19 calls held in the round
+    node.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await node
+    await asyncio.sleep(0.05)
+    assert (fake.batch.jobs, fake.requests) == ({}, [])
+
+
 async def test_a_concurrent_round_lets_go_of_each_call_once_answered(register_provider, pocketbatch_env):
     """An answered item's call (and its request) is freed while the rest of its round is still sent."""
     pocketbatch_env(POCKETBATCH_HELD_RPM=0, POCKETBATCH_HELD_TPM=0)

@@ -238,7 +238,11 @@ class Round:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        calls, self.pending = self.pending, []
+        # A call cancelled while held (its item was cancelled before the round was ready) goes nowhere: a
+        # batch job would pay for an answer nobody awaits.
+        calls, self.pending = [call for call in self.pending if not call.done()], []
+        if not calls:
+            return
         if self.parent is not None:
             parent, key = self.parent
             parent.take(key, calls)
