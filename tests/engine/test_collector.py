@@ -20,7 +20,7 @@ from pocketbatch import (
 )
 from pocketbatch.default_plugins.offline import OfflineBatch, OfflineProvider
 from pocketbatch.engine.collector import Call
-from pocketbatch.testing import FakeProvider, ask_each
+from pocketbatch.testing import FakeBatch, FakeProvider, ask_each
 
 
 @pytest.fixture(autouse=True)
@@ -191,8 +191,35 @@ async def test_cancelling_the_run_cancels_the_job(monkeypatch):
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.05)
-    assert jobs()[0]["cancelled"] is not None
+    assert jobs()[0]["cancelled"] is not None  # by the time the run's cancellation reaches its caller
+
+
+async def test_a_cancelled_run_ends_once_its_job_is_cancelled_at_the_provider(register_provider):
+    """Cancelling a job is a request to the provider, which takes its time: the run waits for it, so a
+    caller that cancels a run and exits has not left a job running (and billing)."""
+
+    class SlowToCancel(FakeBatch):
+        async def cancel(self, job_id):
+            await asyncio.sleep(0.05)
+            await super().cancel(job_id)
+
+    fake = register_provider(FakeProvider("slowcancel", batch=True))
+    fake.batch = SlowToCancel(fake, polls=10**6)
+
+    class Held(AsyncParallelBatchNode):
+        async def prep_async(self, shared):
+            return range(3)
+
+        async def exec_async(self, i):
+            return await call_llm_async(f"say {i}", model="slowcancel/m")
+
+    task = asyncio.ensure_future(AsyncFlow(start=Held(mode="batch")).run_async({}))
+    while not fake.batch.jobs:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [job["cancelled"] for job in fake.batch.jobs.values()] == [True]
 
 
 async def test_outside_parallel_nodes_calls_go_straight_to_the_concurrent_path():
@@ -268,7 +295,6 @@ async def test_cancelling_a_node_cancels_its_calls_in_flight(register_provider, 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.01)
     assert len(cancelled) == 5  # no call left running after its node was cancelled
 
 

@@ -376,6 +376,8 @@ def _waited(look: list) -> bool:
 
 
 _running: set[asyncio.Future] = set()  # strong references: the loop keeps only weak ones
+# Groups whose every call was cancelled, while they stop (a batch round cancels its job at the provider).
+_stopping: set[asyncio.Future] = set()
 
 
 class _Work:
@@ -397,6 +399,17 @@ class _Work:
         self.left -= 1
         if self.left == 0 and not self.task.done():
             self.task.cancel()
+            _stopping.add(self.task)
+            self.task.add_done_callback(_stopping.discard)
+
+
+async def _stopped() -> None:
+    """Wait for the groups that items cancelled just now left with nobody awaiting them: the run ends
+    once their batch job is cancelled at the provider, not while it still runs (and bills)."""
+    loop = asyncio.get_running_loop()
+    stopping = [task for task in _stopping if task.get_loop() is loop]
+    if stopping:
+        await asyncio.gather(*stopping, return_exceptions=True)
 
 
 async def map_parallel(
@@ -463,6 +476,7 @@ async def map_parallel(
             task.cancel()
         if running:
             await asyncio.gather(*running, return_exceptions=True)
+            await _stopped()
     if failures:
         raise failures[0]
     return results
