@@ -6,6 +6,7 @@ a fresh process.
     .venv/bin/python bench/node_path.py --mode concurrent --items 100000
     .venv/bin/python bench/node_path.py --mode batch --items 1000000     # a million-item batch round
     .venv/bin/python bench/node_path.py --floor                          # pocketflow's own node, waiting
+    .venv/bin/python bench/node_path.py --mode concurrent --runs 5       # the median of five processes
 
 Time: from the flow's start to its end, per item (the offline provider's own work included: for a batch
 round it writes and reads its job files). Memory: the process's peak RSS less that of a baseline process
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,9 @@ FLOORS = {
     "floor-coroutine": "+ a coroutine with call_llm_async's signature around it",
     "floor-request": "+ the call's LLMRequest",
 }
+# The peer, in the same run as the concurrent mode: pocketflow 0.0.3's own node awaiting the offline
+# provider's coroutine directly (no pocketbatch between them), as bench/overhead.py's offline_call does.
+PEER = "pocketflow"
 TARGETS = {"concurrent": (30.0, 2.0), "batch": (100.0, 2.0)}  # (µs per item, KiB per item), issue 14
 
 
@@ -60,6 +65,8 @@ def worker(mode: str, items: int, baseline: bool) -> dict:
 
     if mode in FLOORS:
         return floor(mode, texts)
+    if mode == PEER:
+        return pocketflow_direct(texts)
 
     async def summarize(node, text):  # the seed's node: its exec_async awaits call_llm_async
         return await call_llm_async(text)
@@ -89,6 +96,23 @@ def run_seed_node(flow: type, node: type, exec_async: Any, texts: list[str]) -> 
     start = time.perf_counter()
     asyncio.run(flow(start=Seed()).run_async(shared))
     return shared["results"], time.perf_counter() - start
+
+
+def pocketflow_direct(texts: list[str]) -> dict:
+    """The peer row: pocketflow's own node whose exec_async awaits the offline provider itself."""
+    from pocketflow import AsyncFlow, AsyncParallelBatchNode
+
+    from pocketbatch.default_plugins.offline import OfflineProvider
+    from pocketbatch.providers import LLMRequest
+
+    provider = OfflineProvider()
+
+    async def summarize(node, text):
+        return await provider.call_llm_async(LLMRequest.from_prompt(text, "offline-small"))
+
+    results, seconds = run_seed_node(AsyncFlow, AsyncParallelBatchNode, summarize, texts)
+    assert len(results) == len(texts) and all(f"document {i}:" in r for i, r in enumerate(results))
+    return {"rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "seconds": seconds}
 
 
 def floor(mode: str, texts: list[str]) -> dict:
@@ -153,6 +177,9 @@ def main() -> None:
     parser.add_argument("--mode", choices=tuple(SIZES), action="append")
     parser.add_argument("--items", type=int, help="default: 100,000 concurrent, 200,000 batch")
     parser.add_argument("--floor", action="store_true", help="pocketflow's own node, without pocketbatch")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="fresh processes per mode: the median time, with the range"
+    )
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -165,19 +192,42 @@ def main() -> None:
     print(f"Python {python}; each run a fresh process; offline provider, no latency, journal on")
     print("| mode | items | µs per item | extra peak KiB per item | target (µs, KiB) | total | extra peak |")
     print("|---|---:|---:|---:|---|---:|---:|")
+    peer_line = ""
     for mode in args.mode or tuple(SIZES):
         items = args.items or SIZES[mode]
+        modes = (mode, PEER) if mode == "concurrent" else (mode,)
         with tempfile.TemporaryDirectory() as tmp:
             base = run(mode, items, True, tmp)
-            got = run(mode, items, False, tmp)
-        extra = max(0, got["rss_kib"] - base["rss_kib"])
-        us, kib = got["seconds"] / items * 1e6, extra / items
+            # Turn about with the peer, so that both see the same minutes of a machine whose speed drifts.
+            runs = [run(each, items, False, tmp) for _ in range(max(1, args.runs)) for each in modes]
+        ours, peers = runs[:: len(modes)], runs[1 :: len(modes)]
+        seconds, spread = _median(ours, items)
+        extra = max(0, max(got["rss_kib"] for got in ours) - base["rss_kib"])
+        us, kib = seconds / items * 1e6, extra / items
         t_us, t_kib = TARGETS[mode]
         print(
-            f"| {mode} | {items:,} | **{us:.1f}** | **{kib:.2f}** | ≤ {t_us:g} µs, ≤ {t_kib:g} KiB | "
-            f"{got['seconds']:.1f} s | {extra / 1024:,.0f} MiB |",
+            f"| {mode} | {items:,} | **{us:.1f}**{spread} | **{kib:.2f}** | ≤ {t_us:g} µs, ≤ {t_kib:g} KiB | "
+            f"{seconds:.1f} s | {extra / 1024:,.0f} MiB |",
             flush=True,
         )
+        if peers:
+            peer_seconds, peer_spread = _median(peers, items)
+            peer_line = (
+                f"\nSame runs, turn about: pocketflow's own node awaiting the offline provider directly, "
+                f"{peer_seconds / items * 1e6:.1f}{peer_spread} µs an item; pocketbatch's concurrent path is "
+                f"{seconds / peer_seconds:.2f}× that."
+            )
+    if peer_line:
+        print(peer_line)
+
+
+def _median(runs: list[dict], items: int) -> tuple[float, str]:
+    """The median seconds of several runs, and their range in µs an item ("" for one run)."""
+    seconds = statistics.median(got["seconds"] for got in runs)
+    if len(runs) == 1:
+        return seconds, ""
+    fastest, slowest = (f(got["seconds"] for got in runs) / items * 1e6 for f in (min, max))
+    return seconds, f" ({fastest:.1f}–{slowest:.1f})"
 
 
 def print_floor(items: int) -> None:

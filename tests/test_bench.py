@@ -1,0 +1,21 @@
+"""The benchmark a release's figures come from still runs (its figures are for docs/benchmarks.md, not
+for tests: nothing here looks at a time)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parent.parent / "bench"
+
+
+def test_node_path_runs_both_modes_and_the_peer_in_the_same_runs():
+    command = [sys.executable, str(BENCH / "node_path.py"), "--items", "300", "--runs", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert {"concurrent", "batch"} <= rows.keys()
+    assert re.search(r"\*\*[\d.]+\*\* \([\d.]+–[\d.]+\)", rows["concurrent"])  # median (range) of 2 runs
+    assert re.search(
+        r"pocketflow's own node .* µs an item; pocketbatch's concurrent path is [\d.]+×", done.stdout
+    )
