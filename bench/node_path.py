@@ -192,7 +192,7 @@ def main() -> None:
     print(f"Python {python}; each run a fresh process; offline provider, no latency, journal on")
     print("| mode | items | µs per item | extra peak KiB per item | target (µs, KiB) | total | extra peak |")
     print("|---|---:|---:|---:|---|---:|---:|")
-    peer_line = ""
+    ratio = ""
     for mode in args.mode or tuple(SIZES):
         items = args.items or SIZES[mode]
         modes = (mode, PEER) if mode == "concurrent" else (mode,)
@@ -200,7 +200,8 @@ def main() -> None:
             base = run(mode, items, True, tmp)
             # Turn about with the peer, so that both see the same minutes of a machine whose speed drifts.
             runs = [run(each, items, False, tmp) for _ in range(max(1, args.runs)) for each in modes]
-        ours, peers = runs[:: len(modes)], runs[1 :: len(modes)]
+        ours = runs[:: len(modes)]
+        peers = runs[1 :: len(modes)] if PEER in modes else []
         seconds, spread = _median(ours, items)
         extra = max(0, max(got["rss_kib"] for got in ours) - base["rss_kib"])
         us, kib = seconds / items * 1e6, extra / items
@@ -212,13 +213,16 @@ def main() -> None:
         )
         if peers:
             peer_seconds, peer_spread = _median(peers, items)
-            peer_line = (
-                f"\nSame runs, turn about: pocketflow's own node awaiting the offline provider directly, "
-                f"{peer_seconds / items * 1e6:.1f}{peer_spread} µs an item; pocketbatch's concurrent path is "
-                f"{seconds / peer_seconds:.2f}× that."
+            print(
+                f"| {PEER}, the provider awaited directly | {items:,} | {peer_seconds / items * 1e6:.1f}"
+                f"{peer_spread} | | | {peer_seconds:.1f} s | |",
+                flush=True,
             )
-    if peer_line:
-        print(peer_line)
+            ratio = (
+                f"pocketbatch's concurrent path takes {seconds / peer_seconds:.2f}× pocketflow's, same runs"
+            )
+    if ratio:
+        print(f"\n{ratio} (turn about).")
 
 
 def _median(runs: list[dict], items: int) -> tuple[float, str]:

@@ -14,8 +14,22 @@ def test_node_path_runs_both_modes_and_the_peer_in_the_same_runs():
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert {"concurrent", "batch"} <= rows.keys()
+    assert list(rows) == ["mode", "concurrent", "pocketflow, the provider awaited directly", "batch"]
     assert re.search(r"\*\*[\d.]+\*\* \([\d.]+–[\d.]+\)", rows["concurrent"])  # median (range) of 2 runs
-    assert re.search(
-        r"pocketflow's own node .* µs an item; pocketbatch's concurrent path is [\d.]+×", done.stdout
-    )
+    assert re.search(r"concurrent path takes [\d.]+× pocketflow's", done.stdout)
+
+
+def test_node_path_in_batch_mode_has_no_peer():
+    command = [
+        sys.executable,
+        str(BENCH / "node_path.py"),
+        "--mode",
+        "batch",
+        "--items",
+        "300",
+        "--runs",
+        "2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "pocketflow" not in done.stdout
