@@ -138,13 +138,6 @@ def may_know_rounds(provider: str, model: str) -> bool:
     return settings().reuse and journal is not None and journal.has_jobs(provider, model)
 
 
-def chunks(provider: Provider, items: list[tuple[str, LLMRequest]]) -> list[list[tuple[str, LLMRequest]]]:
-    """The (custom_id, request) pairs split over the provider's limits (split_ids)."""
-    requests = dict(items)
-    sized = ((cid, len(_canonical(request))) for cid, request in items)
-    return [[(cid, requests[cid]) for cid in ids] for ids in split_ids(provider, sized)]
-
-
 def split_ids(provider: Provider, sized: Iterable[tuple[str, int]]) -> list[list[str]]:
     """Custom ids, with the length of each one's canonical JSON, split over max_requests and max_bytes by
     an estimate with a margin; submit checks the exact size."""
